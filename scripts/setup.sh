@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs what mace needs on a fresh Debian machine, idempotently:
-#  - npm packages from package-lock.json (npm ci) when node_modules is missing or stale;
+#  - npm packages from package-lock.json when node_modules is missing or stale. `npm install`
+#    rather than `npm ci`: the lock holds only this platform's Deno binary (the registry
+#    mirror lacks the others), which `npm ci` rejects as out of sync; `npm install` installs
+#    exactly the locked versions and leaves the lock unchanged;
 #  - a Vulkan driver: Mesa's lavapipe (mesa-vulkan-drivers) and Chromium's SwiftShader
 #    (chromium), software GPUs used when no hardware driver is present, and by the tests.
 # Usage: scripts/setup.sh [--tests]   (--tests: require both software drivers)
@@ -8,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  echo "setup: installing npm packages (npm ci)" >&2
-  npm ci --no-audit --no-fund --loglevel=error >&2
+  echo "setup: installing npm packages (npm install from package-lock.json)" >&2
+  npm install --no-audit --no-fund --loglevel=error >&2
 fi
 
 LAVAPIPE_ICD=$(ls /usr/share/vulkan/icd.d/lvp_icd*.json 2>/dev/null | head -1 || true)

@@ -39,6 +39,7 @@ export function writeBuffer(
   data: ArrayBufferView,
 ): void {
   const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  if (bytes.byteLength === 0) return; // Deno's wgpu panics on empty writes
   if (bytes.byteLength % 4 === 0) {
     ctx.device.queue.writeBuffer(buffer, offset, bytes);
   } else {

@@ -1,0 +1,77 @@
+/**
+ * `mace bench`: prefill and decode speed, achieved weight bandwidth, peak GPU
+ * memory and a per-kernel table, for random-weight models of real shapes
+ * (default) or a given model. Prints a table, writes JSON to bench/results/,
+ * and reports ratios against a recorded baseline (bench/baselines/) and against
+ * the device's own copy bandwidth measured in the same run.
+ */
+import { parseFlags, numberFlag } from "../args.ts";
+import { createGpuContext, type BackendName } from "../../engine/gpu/context.ts";
+import { openModel } from "../../engine/model/open_model.ts";
+import { QWEN25_05B, randomModelSource, SMOLLM2_135M } from "../../engine/model/random_model.ts";
+import type { ModelSource } from "../../engine/model/source.ts";
+import { InvalidRequestError } from "../../engine/errors.ts";
+import { runModelBench, type ModelBenchResult } from "../bench/model_bench.ts";
+import { printModelBench, writeResult, compareWithBaseline } from "../bench/report.ts";
+
+export const BENCH_HELP = `mace bench [--model DIR|FILE] [--preset smollm2-135m|qwen2.5-0.5b|all]
+    [--prompt-tokens N] [--gen-tokens N] [--weights f32|f16] [--backend auto|wgpu|dawn] [--json]
+  Without --model: random-weight models of real shapes (default all presets); prompt/generation
+  default to 512/128 on a hardware GPU and 32/8 on a software one. With --model: 128/128.`;
+
+const PRESETS: Record<string, typeof SMOLLM2_135M> = {
+  "smollm2-135m": SMOLLM2_135M,
+  "qwen2.5-0.5b": QWEN25_05B,
+};
+
+export async function benchCommand(argv: string[]): Promise<void> {
+  const flags = parseFlags(argv, {
+    model: { type: "string" },
+    preset: { type: "string", default: "all" },
+    "prompt-tokens": { type: "string" },
+    "gen-tokens": { type: "string" },
+    weights: { type: "string", default: "f32" },
+    backend: { type: "string", default: "auto" },
+    json: { type: "boolean", default: false },
+  }, "bench");
+  if (flags.weights !== "f32" && flags.weights !== "f16") {
+    throw new InvalidRequestError(`--weights ${flags.weights}: expected f32 or f16`);
+  }
+  const ctx = await createGpuContext({ backend: flags.backend as BackendName });
+  const positive = (n: number) => Number.isInteger(n) && n >= 1;
+  const sizes = (promptDefault: number, genDefault: number) => ({
+    promptTokens: numberFlag(flags["prompt-tokens"], "prompt-tokens", promptDefault, positive),
+    genTokens: numberFlag(flags["gen-tokens"], "gen-tokens", genDefault, positive),
+  });
+
+  const jobs: { name: string; source: () => Promise<ModelSource>; promptTokens: number; genTokens: number }[] = [];
+  if (flags.model) {
+    const path = flags.model;
+    jobs.push({ name: path.replace(/\/+$/, "").split("/").pop()!, source: () => openModel(path), ...sizes(128, 128) });
+  } else {
+    const names = flags.preset === "all" ? Object.keys(PRESETS) : [flags.preset!];
+    for (const name of names) {
+      const spec = PRESETS[name];
+      if (!spec) {
+        throw new InvalidRequestError(`--preset ${name}: expected one of ${Object.keys(PRESETS).join(", ")}, all`);
+      }
+      const [p, g] = ctx.isSoftware ? [32, 8] : [512, 128];
+      jobs.push({ name, source: async () => randomModelSource(spec), ...sizes(p, g) });
+    }
+  }
+
+  const results: ModelBenchResult[] = [];
+  for (const job of jobs) {
+    const result = await runModelBench(ctx, job.name, await job.source(), {
+      promptTokens: job.promptTokens,
+      genTokens: job.genTokens,
+      weightDtype: flags.weights as "f32" | "f16",
+    });
+    const comparison = await compareWithBaseline(result);
+    if (flags.json) console.log(JSON.stringify({ ...result, baseline: comparison }));
+    else printModelBench(result, comparison);
+    console.error(`wrote ${await writeResult(result)}`);
+    results.push(result);
+  }
+  ctx.destroy();
+}

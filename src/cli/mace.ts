@@ -1,0 +1,33 @@
+/** The mace command line: `deno task mace <command> [flags]`. */
+import { MaceError } from "../engine/errors.ts";
+import { GENERATE_HELP, generateCommand } from "./commands/generate.ts";
+import { INFO_HELP, infoCommand } from "./commands/info.ts";
+import { CONVERT_HELP, convertCommand } from "./commands/convert.ts";
+import { BENCH_HELP, benchCommand } from "./commands/bench.ts";
+
+const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
+  generate: { run: generateCommand, help: GENERATE_HELP },
+  convert: { run: convertCommand, help: CONVERT_HELP },
+  bench: { run: benchCommand, help: BENCH_HELP },
+  info: { run: infoCommand, help: INFO_HELP },
+};
+
+function usage(): string {
+  return "usage: mace <command> [flags]\n\n" + Object.values(COMMANDS).map((c) => c.help).join("\n\n");
+}
+
+const [name, ...rest] = Deno.args;
+const command = name ? COMMANDS[name] : undefined;
+if (!command) {
+  console.error(name && name !== "help" ? `mace: unknown command "${name}"\n\n${usage()}` : usage());
+  Deno.exit(name && name !== "help" ? 2 : 0);
+}
+try {
+  await command.run(rest);
+} catch (e) {
+  if (e instanceof MaceError) {
+    console.error(`mace ${name}: ${e.name}: ${e.message}`);
+    Deno.exit(1);
+  }
+  throw e;
+}

@@ -1,0 +1,44 @@
+/**
+ * Float64 CPU references of the elementwise and gather kernels: SwiGLU,
+ * residual add, embedding gather. Row-major, token-major activations.
+ */
+
+/** gu [rows, 2I] (gate | up) -> h [rows, I], h = g / (1 + exp(-g)) * u. */
+export function swiglu(gu: ArrayLike<number>, rows: number, intermediate: number): Float64Array {
+  const I = intermediate;
+  const h = new Float64Array(rows * I);
+  for (let r = 0; r < rows; r++) {
+    for (let i = 0; i < I; i++) {
+      const g = gu[r * 2 * I + i];
+      h[r * I + i] = (g / (1 + Math.exp(-g))) * gu[r * 2 * I + I + i];
+    }
+  }
+  return h;
+}
+
+/** y + x, elementwise. */
+export function residualAdd(y: ArrayLike<number>, x: ArrayLike<number>): Float64Array {
+  const sum = new Float64Array(y.length);
+  for (let i = 0; i < y.length; i++) sum[i] = y[i] + x[i];
+  return sum;
+}
+
+/**
+ * Embedding gather: out[t, :] = table[ids[t], :] for ids below the table's row
+ * count; rows of other tokens keep their value in `out` (copied, not modified).
+ * table [V, dim], out [tokens, dim].
+ */
+export function embeddingGather(
+  ids: ArrayLike<number>,
+  table: ArrayLike<number>,
+  dim: number,
+  out: ArrayLike<number>,
+): Float64Array {
+  const result = Float64Array.from(out);
+  const vocab = table.length / dim;
+  for (let t = 0; t < ids.length; t++) {
+    if (ids[t] >= vocab) continue;
+    for (let d = 0; d < dim; d++) result[t * dim + d] = table[ids[t] * dim + d];
+  }
+  return result;
+}

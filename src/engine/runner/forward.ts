@@ -1,0 +1,236 @@
+/**
+ * The batched forward pass of a Llama/Qwen2 model as a fixed list of kernel
+ * dispatches over the step's token batch (T tokens, S sequences):
+ *
+ *   hidden[T,D] = embed(tokenIds)
+ *   per layer:  normed = rmsnorm(hidden)
+ *               qkv[T,(H+2Hkv)hd] = normed·Wqkv^T (+bias)
+ *               q[T,H*hd] = rope(q); K/V pools[layer] <- rope(k), v   (paged)
+ *               attn[T,H*hd] = attention(q, K/V pools)   (prefill tiles + decode tokens)
+ *               hidden += attn·Wo^T
+ *               normed = rmsnorm(hidden)
+ *               gateUp[T,2I] = normed·Wgu^T;  act[T,I] = silu(gate)*up
+ *               hidden += act·Wdown^T
+ *   last[S,D] = rmsnorm(hidden[logitRows]);  logits[S,V] = last·Wlm^T
+ *   sampled[S] = sample(logits)
+ *
+ * Bind groups are built once here; encode() only records dispatches with the
+ * step's counts.
+ */
+import type { GpuContext } from "../gpu/context.ts";
+import { createStorage } from "../gpu/buffers.ts";
+import type { BindingResource } from "../gpu/kernel.ts";
+import { type ModelConfig, ropeInvFreq } from "../model/config.ts";
+import type { GpuMatrix, GpuWeights } from "../model/gpu_weights.ts";
+import { RmsNorm } from "../kernels/rms_norm.ts";
+import { MatMul } from "../kernels/matmul.ts";
+import { Embedding } from "../kernels/embedding.ts";
+import { SwiGlu } from "../kernels/swiglu.ts";
+import { AttentionDecode, AttentionPrefill } from "../kernels/attention.ts";
+import { createInvFreqUniform, RopeKvWrite } from "../kernels/rope_kv_write.ts";
+import { FinalNorm } from "../kernels/final_norm.ts";
+import { Sampler } from "../kernels/sample.ts";
+import type { Region, StepCapacity, StepCounts, StepLayout } from "./step_data.ts";
+import type { UniformArena } from "./uniform_arena.ts";
+
+export interface ForwardInputs {
+  ctx: GpuContext;
+  config: ModelConfig;
+  capacity: StepCapacity;
+  weights: GpuWeights;
+  kvBlocks: number;
+  layout: StepLayout;
+  stepBuffer: GPUBuffer;
+  uniforms: UniformArena<StepCounts>;
+}
+
+export interface Forward {
+  /** u32 [maxSeqs]: the sampled token of each sampling sequence, in sample order. */
+  sampled: GPUBuffer;
+  /** f32 [maxSeqs, V]: logits of the sampling rows of the last step. */
+  logits: GPUBuffer;
+  activationBytes: number;
+  /** KV pool bytes (all layers, K and V). */
+  kvBytes: number;
+  dispatches: readonly ForwardDispatch[];
+  /** Bytes of weights one step reads (every matrix once; the embedding only its gathered rows). */
+  weightBytesPerStep(counts: StepCounts): number;
+  encode(pass: GPUComputePassEncoder, counts: StepCounts): void;
+  destroy(): void;
+}
+
+/** One labelled group of dispatches, with its analytic cost for the benchmark's per-kernel table. */
+export interface ForwardDispatch {
+  kind: string;
+  run: (pass: GPUComputePassEncoder, counts: StepCounts) => void;
+  /** Bytes moved (weights + activations read and written) and floating-point operations. */
+  cost: (counts: StepCounts) => { bytes: number; flops: number };
+}
+
+export function buildForward(inputs: ForwardInputs): Forward {
+  const { ctx, config: c, capacity, weights, layout, stepBuffer, uniforms } = inputs;
+  const T = capacity.maxTokens, S = capacity.maxSeqs;
+  const D = c.hiddenSize, hd = c.headDim, H = c.numHeads, Hkv = c.numKvHeads;
+  const I = c.intermediateSize, V = c.vocabSize, qkvCols = (H + 2 * Hkv) * hd;
+  const dtype = weights.embedding.dtype;
+
+  const owned: GPUBuffer[] = [];
+  const buffer = (floats: number, label: string) => {
+    const b = createStorage(ctx, floats * 4, label);
+    owned.push(b);
+    return b;
+  };
+  const hidden = buffer(T * D, "hidden");
+  const normed = buffer(T * D, "normed");
+  const qkv = buffer(T * qkvCols, "qkv");
+  const q = buffer(T * H * hd, "q");
+  const attn = buffer(T * H * hd, "attn");
+  const gateUp = buffer(T * 2 * I, "gate_up");
+  const act = buffer(T * I, "act");
+  const last = buffer(S * D, "last");
+  const logits = buffer(S * V, "logits");
+  const sampled = buffer(S, "sampled");
+  const activationBytes = owned.reduce((sum, b) => sum + b.size, 0);
+  const kvFloats = inputs.kvBlocks * Hkv * capacity.blockSize * hd;
+  const kCaches = Array.from({ length: c.numLayers }, (_, l) => buffer(kvFloats, `k_cache.${l}`));
+  const vCaches = Array.from({ length: c.numLayers }, (_, l) => buffer(kvFloats, `v_cache.${l}`));
+
+  const step = (r: Region): BindingResource => ({ buffer: stepBuffer, offset: r.offset, size: r.size });
+  const tokensUniform = uniforms.slot((n) => [["u32", n.tokens]]);
+  const seqsUniform = uniforms.slot((n) => [["u32", n.sampledSeqs]]);
+  const decodeUniform = uniforms.slot((n) => [["u32", n.decodeTokens]]);
+  const tilesUniform = uniforms.slot((n) => [["u32", n.tiles]]);
+
+  const dispatches: ForwardDispatch[] = [];
+  const add = (kind: string, run: ForwardDispatch["run"], cost: ForwardDispatch["cost"]) =>
+    dispatches.push({ kind, run, cost });
+  const wordBytes = (dtype: string) => (dtype === "f16" ? 2 : 4);
+
+  // Embedding: one dispatch per vocabulary chunk.
+  const embedding = new Embedding(ctx, { dim: D, weight: dtype });
+  for (const chunk of weights.embedding.chunks) {
+    const params = uniforms.slot((n) => [["u32", n.tokens], ["u32", chunk.rowStart], ["u32", chunk.rows]]);
+    const group = embedding.bind(params, step(layout.tokenIds), chunk.buffer, hidden);
+    add("embedding", (pass, n) => embedding.encode(pass, group, n.tokens), (n) => ({
+      bytes: n.tokens * D * (4 + wordBytes(dtype)),
+      flops: 0,
+    }));
+  }
+
+  /** y (=|+=) x·W^T (+bias) over `rows`, one dispatch per weight chunk. */
+  const linear = (
+    x: GPUBuffer,
+    m: GpuMatrix,
+    bias: GPUBuffer | null,
+    y: GPUBuffer,
+    accumulate: boolean,
+    rows: "tokens" | "sampledSeqs",
+  ) => {
+    const params = rows === "tokens" ? tokensUniform : seqsUniform;
+    for (const chunk of m.chunks) {
+      const mm = new MatMul(ctx, {
+        inFeatures: m.cols,
+        outFeatures: chunk.rows,
+        outStride: m.rows,
+        outOffset: chunk.rowStart,
+        weight: m.dtype,
+        bias: bias !== null,
+        accumulate,
+      });
+      const biasSlice = bias ? { buffer: bias, offset: chunk.rowStart * 4, size: chunk.rows * 4 } : null;
+      const group = mm.bind(params, x, chunk.buffer, biasSlice, y);
+      add(rows === "tokens" ? "matmul" : "lm_head", (pass, n) => mm.encode(pass, group, n[rows]), (n) => ({
+        bytes: chunk.rows * m.cols * wordBytes(m.dtype) + n[rows] * (m.cols + chunk.rows) * 4,
+        flops: 2 * n[rows] * chunk.rows * m.cols,
+      }));
+    }
+  };
+
+  const norm = new RmsNorm(ctx, D, c.rmsNormEps);
+  const normCost = (n: StepCounts) => ({ bytes: n.tokens * 2 * D * 4, flops: n.tokens * 4 * D });
+  /** Attention reads every attended key and value once (per KV head) for each query token. */
+  const attentionCost = (n: StepCounts, decodeKernel: boolean) => {
+    const keys = decodeKernel ? n.decodeAttended : n.prefillAttended;
+    return { bytes: keys * Hkv * hd * 2 * 4, flops: keys * H * hd * 4 };
+  };
+  const attnShape = { numHeads: H, numKvHeads: Hkv, headDim: hd, blockSize: capacity.blockSize };
+  const rope = new RopeKvWrite(ctx, attnShape);
+  const invFreq = createInvFreqUniform(ctx, ropeInvFreq(c));
+  owned.push(invFreq);
+  const prefill = new AttentionPrefill(ctx, attnShape);
+  const decode = new AttentionDecode(ctx, attnShape);
+  const swiglu = new SwiGlu(ctx, I);
+
+  weights.layers.forEach((w, l) => {
+    const inNorm = norm.bind(tokensUniform, hidden, w.inputNorm, normed);
+    add("rms_norm", (pass, n) => norm.encode(pass, inNorm, n.tokens), normCost);
+    linear(normed, w.qkv, w.qkvBias, qkv, false, "tokens");
+    const ropeGroup = rope.bind(
+      tokensUniform, qkv, step(layout.positions), step(layout.tokenSeq), step(layout.seqs),
+      step(layout.blockTables), invFreq, q, kCaches[l], vCaches[l],
+    );
+    add("rope_kv_write", (pass, n) => rope.encode(pass, ropeGroup, n.tokens), (n) => ({
+      bytes: n.tokens * (qkvCols + (H + 2 * Hkv) * hd) * 4,
+      flops: n.tokens * (H + Hkv) * hd * 3,
+    }));
+    const prefillGroup = prefill.bind(
+      tilesUniform, q, step(layout.positions), step(layout.seqs), step(layout.blockTables),
+      kCaches[l], vCaches[l], step(layout.tiles), attn,
+    );
+    const decodeGroup = decode.bind(
+      decodeUniform, q, step(layout.positions), step(layout.seqs), step(layout.blockTables),
+      kCaches[l], vCaches[l], step(layout.decodeTokens), attn,
+    );
+    add("attention_prefill", (pass, n) => prefill.encode(pass, prefillGroup, n.tiles), (n) => attentionCost(n, false));
+    add("attention_decode", (pass, n) => decode.encode(pass, decodeGroup, n.decodeTokens), (n) => attentionCost(n, true));
+    linear(attn, w.o, null, hidden, true, "tokens");
+    const postNorm = norm.bind(tokensUniform, hidden, w.postNorm, normed);
+    add("rms_norm", (pass, n) => norm.encode(pass, postNorm, n.tokens), normCost);
+    linear(normed, w.gateUp, null, gateUp, false, "tokens");
+    const swigluGroup = swiglu.bind(tokensUniform, gateUp, act);
+    add("swiglu", (pass, n) => swiglu.encode(pass, swigluGroup, n.tokens), (n) => ({
+      bytes: n.tokens * 3 * I * 4,
+      flops: n.tokens * I * 6,
+    }));
+    linear(act, w.down, null, hidden, true, "tokens");
+  });
+
+  const finalNorm = new FinalNorm(ctx, D, c.rmsNormEps);
+  const finalGroup = finalNorm.bind(seqsUniform, hidden, step(layout.logitRows), weights.finalNorm, last);
+  add("final_norm", (pass, n) => finalNorm.encode(pass, finalGroup, n.sampledSeqs), (n) => ({
+    bytes: n.sampledSeqs * 2 * D * 4,
+    flops: n.sampledSeqs * 4 * D,
+  }));
+  linear(last, weights.lmHead, null, logits, false, "sampledSeqs");
+  const sampler = new Sampler(ctx, V);
+  const samplerGroup = sampler.bind(seqsUniform, logits, step(layout.sampling), sampled);
+  add("sample", (pass, n) => sampler.encode(pass, samplerGroup, n.sampledSeqs), (n) => ({
+    bytes: n.sampledSeqs * V * 4,
+    flops: n.sampledSeqs * V * 4,
+  }));
+
+  const matrixWeightBytes = (m: GpuMatrix) => m.rows * m.cols * wordBytes(m.dtype);
+  let layerWeightBytes = 0;
+  for (const w of weights.layers) {
+    layerWeightBytes += matrixWeightBytes(w.qkv) + matrixWeightBytes(w.o) +
+      matrixWeightBytes(w.gateUp) + matrixWeightBytes(w.down);
+  }
+  return {
+    sampled,
+    logits,
+    activationBytes,
+    kvBytes: (kCaches.length + vCaches.length) * kvFloats * 4,
+    dispatches,
+    weightBytesPerStep: (n) =>
+      layerWeightBytes + n.tokens * D * wordBytes(dtype) +
+      (n.sampledSeqs > 0 ? matrixWeightBytes(weights.lmHead) : 0),
+    encode(pass, counts) {
+      // Steps that sample nothing (pure prefill chunks) skip the head entirely:
+      // the last three dispatches see sampledSeqs = 0 and record nothing.
+      for (const d of dispatches) d.run(pass, counts);
+    },
+    destroy() {
+      for (const b of owned) b.destroy();
+    },
+  };
+}

@@ -1,0 +1,159 @@
+/**
+ * Packs a StepPlan into the per-step index data the kernels read (the
+ * token-batch layout): one CPU ArrayBuffer, written to the GPU with a single
+ * writeBuffer per step. Regions start at 256-byte offsets so each can be bound
+ * on its own.
+ */
+import type { StepPlan } from "../step.ts";
+import { planAttention } from "../kernels/attention.ts";
+import { packSamplingParams, SAMPLING_PARAMS_BYTES, type SamplingOptions } from "../kernels/sample.ts";
+import { InvalidRequestError } from "../errors.ts";
+
+export interface StepCapacity {
+  maxTokens: number; // tokens per step (prefill chunk budget)
+  maxSeqs: number; // sequences per step
+  maxBlocksPerSeq: number; // block-table entries per sequence
+  blockSize: number;
+  tileQ: number; // queries per prefill attention tile
+}
+
+export interface Region {
+  offset: number; // bytes
+  size: number; // bytes
+}
+
+export interface StepLayout {
+  tokenIds: Region; // u32 [T]
+  positions: Region; // u32 [T]
+  tokenSeq: Region; // u32 [T]
+  seqs: Region; // SeqInfo [S] = u32 x4 {blockTableOffset, contextLen, firstToken, numTokens}
+  blockTables: Region; // u32 [S * maxBlocksPerSeq]
+  logitRows: Region; // u32 [S]: batch row of the token each sequence samples from
+  decodeTokens: Region; // u32x2 [T]: (token, seq) pairs whose attention runs in the decode kernel
+  tiles: Region; // u32x4 [maxTiles]: prefill attention tiles (seq, firstToken, count, 0)
+  sampling: Region; // SamplingParams [S], 32 bytes each
+  totalBytes: number;
+}
+
+export function maxTiles(cap: StepCapacity): number {
+  return Math.ceil(cap.maxTokens / cap.tileQ) + cap.maxSeqs;
+}
+
+export function stepLayout(cap: StepCapacity): StepLayout {
+  let offset = 0;
+  const region = (bytes: number): Region => {
+    const r = { offset, size: Math.max(16, Math.ceil(bytes / 16) * 16) };
+    offset += Math.ceil(r.size / 256) * 256;
+    return r;
+  };
+  const T = cap.maxTokens, S = cap.maxSeqs;
+  const layout = {
+    tokenIds: region(T * 4),
+    positions: region(T * 4),
+    tokenSeq: region(T * 4),
+    seqs: region(S * 16),
+    blockTables: region(S * cap.maxBlocksPerSeq * 4),
+    logitRows: region(S * 4),
+    decodeTokens: region(T * 8),
+    tiles: region(maxTiles(cap) * 16),
+    sampling: region(S * SAMPLING_PARAMS_BYTES),
+  };
+  return { ...layout, totalBytes: offset };
+}
+
+/** Counts the kernels need, besides the packed data. */
+export interface StepCounts {
+  tokens: number;
+  seqs: number;
+  sampledSeqs: number;
+  decodeTokens: number;
+  tiles: number;
+  /** Sum over decode-kernel tokens of the keys each attends to (position + 1), for cost models. */
+  decodeAttended: number;
+  /** The same over prefill-kernel tokens. */
+  prefillAttended: number;
+}
+
+/**
+ * Fills `out` (layout.totalBytes) from the plan. Sequences that sample come first
+ * in logitRows/sampling, in plan order; `sampleOrder[i]` is the plan index of row i.
+ */
+export function packStep(
+  plan: StepPlan,
+  cap: StepCapacity,
+  layout: StepLayout,
+  vocabSize: number,
+  out: ArrayBuffer,
+): { counts: StepCounts; sampleOrder: number[] } {
+  const u32 = (r: Region) => new Uint32Array(out, r.offset, r.size / 4);
+  const tokenIds = u32(layout.tokenIds), positions = u32(layout.positions);
+  const tokenSeq = u32(layout.tokenSeq), seqs = u32(layout.seqs);
+  const blockTables = u32(layout.blockTables), logitRows = u32(layout.logitRows);
+  const decodeTokens = u32(layout.decodeTokens), tiles = u32(layout.tiles);
+  const samplingRows: SamplingOptions[] = [];
+
+  if (plan.sequences.length > cap.maxSeqs) {
+    throw new InvalidRequestError(
+      `step has ${plan.sequences.length} sequences; this engine was built for ${cap.maxSeqs}`,
+    );
+  }
+  let t = 0, decodeAttended = 0, prefillAttended = 0;
+  const chunks: { firstToken: number; numTokens: number }[] = [];
+  const sampleOrder: number[] = [];
+  plan.sequences.forEach((seq, s) => {
+    const n = seq.tokens.length;
+    if (n === 0) throw new InvalidRequestError(`sequence ${seq.seqId}: empty chunk`);
+    if (t + n > cap.maxTokens) {
+      throw new InvalidRequestError(
+        `step has more than ${cap.maxTokens} tokens; split the prefill into chunks`,
+      );
+    }
+    const contextLen = seq.startPosition + n;
+    const blocksNeeded = Math.ceil(contextLen / cap.blockSize);
+    if (blocksNeeded > seq.blockTable.length || blocksNeeded > cap.maxBlocksPerSeq) {
+      throw new InvalidRequestError(
+        `sequence ${seq.seqId}: ${contextLen} positions need ${blocksNeeded} KV blocks; ` +
+          `block table has ${seq.blockTable.length} (engine limit ${cap.maxBlocksPerSeq})`,
+      );
+    }
+    const tableOffset = s * cap.maxBlocksPerSeq;
+    for (let j = 0; j < blocksNeeded; j++) blockTables[tableOffset + j] = seq.blockTable[j];
+    seqs.set([tableOffset, contextLen, t, n], s * 4);
+    for (let i = 0; i < n; i++) {
+      const id = seq.tokens[i];
+      if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
+        throw new InvalidRequestError(`sequence ${seq.seqId}: token id ${id} outside [0, ${vocabSize})`);
+      }
+      tokenIds[t + i] = id;
+      positions[t + i] = seq.startPosition + i;
+      tokenSeq[t + i] = s;
+    }
+    chunks.push({ firstToken: t, numTokens: n });
+    if (n === 1) decodeAttended += contextLen;
+    else prefillAttended += n * seq.startPosition + (n * (n + 1)) / 2;
+    if (seq.sample) {
+      logitRows[sampleOrder.length] = t + n - 1;
+      // The random stream is indexed by the new token's position, so a sequence
+      // draws the same numbers alone or batched.
+      samplingRows.push({ ...seq.sampling, counter: contextLen });
+      sampleOrder.push(s);
+    }
+    t += n;
+  });
+  new Uint8Array(out, layout.sampling.offset, layout.sampling.size).set(packSamplingParams(samplingRows));
+  const attention = planAttention(chunks);
+  decodeTokens.set(attention.decodeTokens);
+  tiles.set(attention.tiles);
+  return {
+    counts: {
+      tokens: t,
+      seqs: plan.sequences.length,
+      sampledSeqs: sampleOrder.length,
+      decodeTokens: attention.decodeTokens.length / 2,
+      tiles: attention.tiles.length / 4,
+      decodeAttended,
+      prefillAttended,
+    },
+    sampleOrder,
+  };
+}

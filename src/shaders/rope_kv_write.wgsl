@@ -1,0 +1,145 @@
+// rope_kv_write.wgsl: rotary embedding (Hugging Face "rotate_half") of the query and key heads of
+// the fused QKV projection, and the write of this step's keys and values into the paged KV pool.
+//   qOut[t, h, :]               = rope(qkv[t, query head h], positions[t])     h < H
+//   kCache[block, g, slot, :]   = rope(qkv[t, key head g], positions[t])       g < HKV
+//   vCache[block, g, slot, :]   = qkv[t, value head g]                         (not rotated)
+//   block = blockTables[seqs[tokenSeq[t]].blockTableOffset + positions[t] / BS]
+//   slot  = positions[t] % BS
+// rope(x, p)[i] = x[i] cos(p f_i) - x[i + HD/2] sin(p f_i),
+// rope(x, p)[i + HD/2] = x[i + HD/2] cos(p f_i) + x[i] sin(p f_i),   i < HD/2, f = invFreq.
+// Shapes (f32 unless noted): qkv [T, (H + 2 HKV) HD] (query heads, then key heads, then value
+// heads); positions, tokenSeq u32 [T]; seqs SeqInfo [S]; blockTables u32 [*];
+// invFreq [HD/2] in a uniform of vec4s (a uniform, not a storage buffer, to stay within 8 storage
+// bindings); qOut [T, H HD]; kCache, vCache [numBlocks, HKV, BS, HD].
+// Dispatch (ceil((H + 2 HKV) HD/2 / WG), T): one invocation per (token, head, rotation pair i).
+//
+// The angle p * f_i reaches thousands of radians; rounding it to f32 would cost ~1e-4 absolute
+// at p ~ 2000. Instead it is split into four exactly representable products and each is reduced
+// modulo 2π exactly (Cody-Waite), which keeps the angle within ~1e-6 of p * f_i for p < 2^17.
+// sin and cos are polynomials rather than builtins: SwiftShader's builtins err by ~2e-4.
+
+override H: u32;
+override HKV: u32;
+override HD: u32;
+override BS: u32;
+override HALF: u32 = HD / 2u;
+
+const WG: u32 = 64u;
+
+struct Params {
+  tokens: u32,
+}
+
+struct SeqInfo {
+  blockTableOffset: u32,
+  contextLen: u32,
+  firstToken: u32,
+  numTokens: u32,
+}
+
+// HD / 2 <= 128 frequencies, four per vec4 (uniform arrays have a 16-byte stride).
+struct InvFreq {
+  v: array<vec4<f32>, 32>,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> qkv: array<f32>;
+@group(0) @binding(2) var<storage, read> positions: array<u32>;
+@group(0) @binding(3) var<storage, read> tokenSeq: array<u32>;
+@group(0) @binding(4) var<storage, read> seqs: array<SeqInfo>;
+@group(0) @binding(5) var<storage, read> blockTables: array<u32>;
+@group(0) @binding(6) var<uniform> invFreq: InvFreq;
+@group(0) @binding(7) var<storage, read_write> qOut: array<f32>;
+@group(0) @binding(8) var<storage, read_write> kCache: array<f32>;
+@group(0) @binding(9) var<storage, read_write> vCache: array<f32>;
+
+// 2π = TWO_PI_1 + TWO_PI_2 + TWO_PI_3. The first two have 9 significant bits, so k * TWO_PI_1 and
+// k * TWO_PI_2 are exact for |k| < 2^15 and the first two subtractions are exact.
+const TWO_PI_1: f32 = 6.28125;
+const TWO_PI_2: f32 = 0.001934051513671875;
+const TWO_PI_3: f32 = 1.2556659146019e-6;
+const INV_TWO_PI: f32 = 0.15915494309189535;
+
+/** x - 2πk for the k that brings an exact x (|x| < 2^17) into about [-π, π]. */
+fn reduceAngle(x: f32) -> f32 {
+  let k = round(x * INV_TWO_PI);
+  return ((x - k * TWO_PI_1) - k * TWO_PI_2) - k * TWO_PI_3;
+}
+
+/** p * f reduced to about [-π, π]. p and f are split into 12-bit halves so each partial product
+ *  is exact in f32 (positions < 2^24; the reduction bounds the product p * f < 2^17). */
+fn ropeAngle(p: u32, f: f32) -> f32 {
+  let fHigh = bitcast<f32>(bitcast<u32>(f) & 0xfffff000u);
+  let fLow = f - fHigh;
+  let pHigh = f32(p & 0xfffff000u);
+  let pLow = f32(p & 0xfffu);
+  let sum = (reduceAngle(pHigh * fHigh) + reduceAngle(pHigh * fLow)) +
+    (reduceAngle(pLow * fHigh) + reduceAngle(pLow * fLow));
+  return reduceAngle(sum);
+}
+
+// π/2 = HALF_PI_1 + HALF_PI_2; n * HALF_PI_1 is exact for the quadrant counts |n| <= 2 used here.
+const HALF_PI_1: f32 = 1.5703125;
+const HALF_PI_2: f32 = 4.8382679489661923e-4;
+const TWO_OVER_PI: f32 = 0.6366197723675814;
+
+/** (sin x, cos x) for |x| <= about π: x = y + n π/2 with |y| <= π/4, then minimax polynomials
+ *  in y (Cephes sinf/cosf coefficients, about 1 ulp) and a quadrant swap. */
+fn sinCos(x: f32) -> vec2<f32> {
+  let n = round(x * TWO_OVER_PI);
+  let y = (x - n * HALF_PI_1) - n * HALF_PI_2;
+  let z = y * y;
+  let s = y + y * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4));
+  let c = 1.0 - 0.5 * z +
+    z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5));
+  switch (i32(n) & 3) {
+    case 0: { return vec2<f32>(s, c); }
+    case 1: { return vec2<f32>(c, -s); }
+    case 2: { return vec2<f32>(-s, -c); }
+    default: { return vec2<f32>(-c, s); }
+  }
+}
+
+/** Index of element 0 of (kvHead, position) in a KV pool, through the token's block table. */
+fn cacheIndex(t: u32, position: u32, kvHead: u32) -> u32 {
+  let seq = seqs[tokenSeq[t]];
+  let block = blockTables[seq.blockTableOffset + position / BS];
+  return ((block * HKV + kvHead) * BS + position % BS) * HD;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let t = wg.y;
+  let heads = H + 2u * HKV;
+  let item = wg.x * WG + lid;
+  if (t >= params.tokens || item >= heads * HALF) {
+    return;
+  }
+  let head = item / HALF;
+  let i = item % HALF;
+  let src = (t * heads + head) * HD + i;
+  let a = qkv[src];
+  let b = qkv[src + HALF];
+  let position = positions[t];
+
+  if (head >= H + HKV) {
+    let dst = cacheIndex(t, position, head - H - HKV) + i;
+    vCache[dst] = a;
+    vCache[dst + HALF] = b;
+    return;
+  }
+  let sc = sinCos(ropeAngle(position, invFreq.v[i / 4u][i % 4u]));
+  let s = sc.x;
+  let c = sc.y;
+  let rotatedA = a * c - b * s;
+  let rotatedB = b * c + a * s;
+  if (head < H) {
+    let dst = (t * H + head) * HD + i;
+    qOut[dst] = rotatedA;
+    qOut[dst + HALF] = rotatedB;
+  } else {
+    let dst = cacheIndex(t, position, head - H) + i;
+    kCache[dst] = rotatedA;
+    kCache[dst + HALF] = rotatedB;
+  }
+}

@@ -1,0 +1,30 @@
+/**
+ * The bundled model's greedy output, 200 steps from BOS with no prompt, must be
+ * exactly llama2.c's golden text, from both the HF and the llama2.c layouts.
+ */
+import { strictEqual } from "node:assert/strict";
+import { openModelWithTokenizer } from "../../src/engine/load.ts";
+import { ModelRunner } from "../../src/engine/runner/model_runner.ts";
+import { generate } from "../../src/engine/generate.ts";
+import { GREEDY } from "../../src/engine/step.ts";
+import { gpuTest, testContext } from "../helpers/gpu.ts";
+
+const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
+// llama2.c's run prints a newline after the last token; the tokens themselves do not.
+const GOLDEN = (await Deno.readTextFile(MODEL_DIR + "greedy_200.txt")).replace(/\n$/, "");
+
+for (const [layout, path] of [["HF", MODEL_DIR], ["llama2.c", MODEL_DIR + "stories260K.bin"]]) {
+  Deno.test({ name: `greedy 200 tokens from BOS equal llama2.c's golden text (${layout} layout)`, ...gpuTest }, async () => {
+    const ctx = await testContext();
+    const { source, tokenizer } = await openModelWithTokenizer(path);
+    const runner = await ModelRunner.create(ctx, source, { maxSeqs: 1, maxContext: 256, maxTokens: 64 });
+    const result = await generate(runner, [source.config.bosTokenId!], {
+      maxTokens: 200,
+      sampling: GREEDY,
+      eosIds: source.config.eosTokenIds,
+    });
+    runner.destroy();
+    strictEqual(result.tokens.length, 200);
+    strictEqual(tokenizer.decode(result.tokens), GOLDEN);
+  });
+}
