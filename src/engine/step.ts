@@ -20,12 +20,16 @@ export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, seed: 
 /**
  * One sequence's share of a step: `tokens` are appended at positions
  * startPosition.. (a prefill chunk, or one decode token). Their K/V are written
- * through `blockTable` (physical block ids covering positions 0..end).
+ * at KV slots startSlot.. through `blockTable` (physical block ids covering
+ * slots 0..end); attention sees slots 0..(own slot).
  */
 export interface SequenceWork {
   seqId: number;
   tokens: number[];
+  /** Rotary position of tokens[0]. */
   startPosition: number;
+  /** KV slot of tokens[0]: startPosition (the default) unless pruning removed earlier entries. */
+  startSlot?: number;
   blockTable: number[];
   /** Sample a next token from the logits of the last token of this chunk. */
   sample: boolean;

@@ -1,10 +1,11 @@
 // attention_decode.wgsl: causal attention of single query tokens over the paged KV cache
 // (flash-decoding style), for the tokens listed in decodeTokens.
 //   out[t, h, :] = sum_j softmax_j(q[t, h, :] . K[j, g, :] * SCALE) V[j, g, :]
-//   for j = 0..positions[t], g = h / (H / HKV), and
+//   for j = 0..slots[t] (the token's index in its sequence's KV: its position unless the KV
+//   was pruned), g = h / (H / HKV), and
 //   K[j, g, :] = kCache[blockTables[seqs[s].blockTableOffset + j / BS], g, j % BS, :].
 // Shapes (f32 unless noted; q, K, V, out read as vec4s: HD % 4 == 0, HD <= 128): q [T, H HD];
-// positions u32 [T]; seqs SeqInfo [S]; blockTables u32 [*];
+// slots u32 [T]; seqs SeqInfo [S]; blockTables u32 [*];
 // kCache, vCache [numBlocks, HKV, BS, HD];
 // decodeTokens vec2<u32> [count] = (token t, its sequence s) (the pair saves a tokenSeq binding);
 // out [T, H HD] (only the listed tokens' rows are written).
@@ -45,7 +46,7 @@ struct SeqInfo {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> positions: array<u32>;
+@group(0) @binding(2) var<storage, read> slots: array<u32>;
 @group(0) @binding(3) var<storage, read> seqs: array<SeqInfo>;
 @group(0) @binding(4) var<storage, read> blockTables: array<u32>;
 @group(0) @binding(5) var<storage, read> kCache: array<vec4<f32>>;
@@ -70,7 +71,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   let entry = decodeTokens[wg.y];
   let t = entry.x;
   let tableOffset = seqs[entry.y].blockTableOffset;
-  let contextLen = positions[t] + 1u;
+  let contextLen = slots[t] + 1u;
 
   var query: array<vec4<f32>, MAX_STATE>;
   var acc: array<vec4<f32>, MAX_STATE>;

@@ -1,18 +1,19 @@
 // attention_prefill.wgsl: causal attention of tiles of consecutive query tokens of one sequence
 // over the paged KV cache (which already holds this step's keys and values).
-//   tile = (seq s, firstToken f, numQueries n <= TILE_Q, unused): queries f..f+n-1 at positions
-//   p0..p0+n-1 (p0 = positions[f]); the query at position p sees keys 0..p of s, earlier chunks
+//   tile = (seq s, firstToken f, numQueries n <= TILE_Q, unused): queries f..f+n-1 at KV slots
+//   p0..p0+n-1 (p0 = slots[f]; a token's slot is its index in its sequence's KV, which is its
+//   position unless the KV was pruned); the query at slot p sees keys 0..p of s, earlier chunks
 //   and shared prefix blocks included.
 //   out[t, h, :] = sum_j softmax_j(q[t, h, :] . K[j, g, :] * SCALE) V[j, g, :]
 //   for g = h / (H / HKV) and K[j, g, :] = kCache[blockTables[seqs[s].blockTableOffset + j / BS],
 //   g, j % BS, :].
 // Shapes (f32 unless noted; q, K, V, out read as vec4s: HD % 4 == 0, HD <= 128): q [T, H HD];
-// positions u32 [T]; seqs SeqInfo [S]; blockTables u32 [*];
+// slots u32 [T]; seqs SeqInfo [S]; blockTables u32 [*];
 // kCache, vCache [numBlocks, HKV, BS, HD]; tiles vec4<u32> [count];
 // out [T, H HD] (only the tiles' rows are written).
 // Dispatch (H, count): one workgroup of TILE_Q / ROWS threads per (head, tile). Thread i owns
 // ROWS consecutive queries of the tile, their q and output accumulators in registers, and walks
-// keys 0..(its last position) with an online softmax (one exp per query and key). Each key and
+// keys 0..(its last slot) with an online softmax (one exp per query and key). Each key and
 // value it loads serves its ROWS queries (memory accesses are the cost that matters on
 // CPU-emulated GPUs); the wrapper picks ROWS so that ROWS * HD/4 <= MAX_STATE vec4s. Keys are
 // read straight through the block table (no workgroup memory, no barriers): the threads of a
@@ -47,7 +48,7 @@ struct SeqInfo {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> positions: array<u32>;
+@group(0) @binding(2) var<storage, read> slots: array<u32>;
 @group(0) @binding(3) var<storage, read> seqs: array<SeqInfo>;
 @group(0) @binding(4) var<storage, read> blockTables: array<u32>;
 @group(0) @binding(5) var<storage, read> kCache: array<vec4<f32>>;
@@ -66,24 +67,24 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   let firstToken = tile.y;
   let numQueries = tile.z;
   let kvHead = h / (H / HKV);
-  let firstPosition = positions[firstToken];
+  let firstSlot = slots[firstToken];
 
   // Rows past the tile repeat its last query (computed, never written).
   var query: array<vec4<f32>, MAX_STATE>;
   var acc: array<vec4<f32>, MAX_STATE>;
   var rowMax: array<f32, MAX_ROWS>;
   var rowSum: array<f32, MAX_ROWS>;
-  var rowPosition: array<u32, MAX_ROWS>;
+  var rowSlot: array<u32, MAX_ROWS>;
   for (var r = 0u; r < ROWS; r++) {
     let row = min(lid * ROWS + r, numQueries - 1u);
-    rowPosition[r] = firstPosition + row;
+    rowSlot[r] = firstSlot + row;
     rowMax[r] = MASKED;
     for (var d = 0u; d < D4; d++) {
       query[r * D4 + d] = q[((firstToken + row) * H + h) * D4 + d] * SCALE;
     }
   }
 
-  let keyEnd = rowPosition[ROWS - 1u] + 1u;
+  let keyEnd = rowSlot[ROWS - 1u] + 1u;
   for (var key = 0u; key < keyEnd; key++) {
     let block = blockTables[tableOffset + key / BS];
     let base = ((block * HKV + kvHead) * BS + key % BS) * D4;
@@ -107,7 +108,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
       let newMax = max(rowMax[r], score);
       let e = exp(min(rowMax[r], score) - newMax);
       let grew = score > rowMax[r];
-      let visible = key <= rowPosition[r];
+      let visible = key <= rowSlot[r];
       keep[r] = select(1.0, select(1.0, e, grew), visible);
       weight[r] = select(0.0, select(e, 1.0, grew), visible);
       rowMax[r] = select(rowMax[r], newMax, visible);

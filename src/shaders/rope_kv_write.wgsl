@@ -3,8 +3,9 @@
 //   qOut[t, h, :]               = rope(qkv[t, query head h], positions[t])     h < H
 //   kCache[block, g, slot, :]   = rope(qkv[t, key head g], positions[t])       g < HKV
 //   vCache[block, g, slot, :]   = qkv[t, value head g]                         (not rotated)
-//   block = blockTables[seqs[tokenSeq[t]].blockTableOffset + positions[t] / BS]
-//   slot  = positions[t] % BS
+//   block = blockTables[seq.blockTableOffset + kvSlot / BS], offset kvSlot % BS, where
+//   seq = seqs[tokenSeq[t]] and kvSlot = seq.contextLen - seq.numTokens + (t - seq.firstToken):
+//   the token's index in its sequence's KV, which is its position unless the KV was pruned.
 // rope(x, p)[i] = x[i] cos(p f_i) - x[i + HD/2] sin(p f_i),
 // rope(x, p)[i + HD/2] = x[i + HD/2] cos(p f_i) + x[i] sin(p f_i),   i < HD/2, f = invFreq.
 // Shapes (f32 unless noted): qkv [T, (H + 2 HKV) HD] (query heads, then key heads, then value
@@ -101,10 +102,11 @@ fn sinCos(x: f32) -> vec2<f32> {
 }
 
 /** Index of element 0 of (kvHead, position) in a KV pool, through the token's block table. */
-fn cacheIndex(t: u32, position: u32, kvHead: u32) -> u32 {
+fn cacheIndex(t: u32, kvHead: u32) -> u32 {
   let seq = seqs[tokenSeq[t]];
-  let block = blockTables[seq.blockTableOffset + position / BS];
-  return ((block * HKV + kvHead) * BS + position % BS) * HD;
+  let kvSlot = seq.contextLen - seq.numTokens + (t - seq.firstToken);
+  let block = blockTables[seq.blockTableOffset + kvSlot / BS];
+  return ((block * HKV + kvHead) * BS + kvSlot % BS) * HD;
 }
 
 @compute @workgroup_size(WG)
@@ -123,7 +125,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
   let position = positions[t];
 
   if (head >= H + HKV) {
-    let dst = cacheIndex(t, position, head - H - HKV) + i;
+    let dst = cacheIndex(t, head - H - HKV) + i;
     vCache[dst] = a;
     vCache[dst + HALF] = b;
     return;
@@ -138,7 +140,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: 
     qOut[dst] = rotatedA;
     qOut[dst + HALF] = rotatedB;
   } else {
-    let dst = cacheIndex(t, position, head - H) + i;
+    let dst = cacheIndex(t, head - H) + i;
     kCache[dst] = rotatedA;
     kCache[dst + HALF] = rotatedB;
   }

@@ -77,7 +77,10 @@ function decodeHeadsPerGroup(shape: AttentionShape): number {
   return pack;
 }
 
-/** Both kernels: params, then q, positions, seqs, blockTables, kCache, vCache, list; then out. */
+/**
+ * Both kernels: params, then q, slots (each token's index in its sequence's KV: its position
+ * unless the KV was pruned), seqs, blockTables, kCache, vCache, list; then out.
+ */
 const BINDINGS: BindingKind[] = ["uniform", ...Array<BindingKind>(7).fill("read"), "storage"];
 
 export class AttentionDecode {
@@ -113,7 +116,7 @@ export class AttentionDecode {
   bind(
     params: BindingResource,
     q: BindingResource,
-    positions: BindingResource,
+    slots: BindingResource,
     seqs: BindingResource,
     blockTables: BindingResource,
     kCache: BindingResource,
@@ -124,7 +127,7 @@ export class AttentionDecode {
     return this.kernel.bind([
       params,
       q,
-      positions,
+      slots,
       seqs,
       blockTables,
       kCache,
@@ -162,7 +165,7 @@ export class AttentionPrefill {
   bind(
     params: BindingResource,
     q: BindingResource,
-    positions: BindingResource,
+    slots: BindingResource,
     seqs: BindingResource,
     blockTables: BindingResource,
     kCache: BindingResource,
@@ -170,7 +173,7 @@ export class AttentionPrefill {
     tiles: BindingResource,
     out: BindingResource,
   ): GPUBindGroup {
-    return this.kernel.bind([params, q, positions, seqs, blockTables, kCache, vCache, tiles, out]);
+    return this.kernel.bind([params, q, slots, seqs, blockTables, kCache, vCache, tiles, out]);
   }
 
   /** Records the dispatch for `numTiles` tiles (params.count). */

@@ -174,11 +174,11 @@ export function buildForward(inputs: ForwardInputs): Forward {
       flops: n.tokens * (H + Hkv) * hd * 3,
     }));
     const prefillGroup = prefill.bind(
-      tilesUniform, q, step(layout.positions), step(layout.seqs), step(layout.blockTables),
+      tilesUniform, q, step(layout.slots), step(layout.seqs), step(layout.blockTables),
       kCaches[l], vCaches[l], step(layout.tiles), attn,
     );
     const decodeGroup = decode.bind(
-      decodeUniform, q, step(layout.positions), step(layout.seqs), step(layout.blockTables),
+      decodeUniform, q, step(layout.slots), step(layout.seqs), step(layout.blockTables),
       kCaches[l], vCaches[l], step(layout.decodeTokens), attn,
     );
     add("attention_prefill", (pass, n) => prefill.encode(pass, prefillGroup, n.tiles), (n) => attentionCost(n, false));

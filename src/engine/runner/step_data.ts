@@ -24,9 +24,10 @@ export interface Region {
 
 export interface StepLayout {
   tokenIds: Region; // u32 [T]
-  positions: Region; // u32 [T]
+  positions: Region; // u32 [T]: rotary position of each token
+  slots: Region; // u32 [T]: index of each token in its sequence's KV (its position unless pruned)
   tokenSeq: Region; // u32 [T]
-  seqs: Region; // SeqInfo [S] = u32 x4 {blockTableOffset, contextLen, firstToken, numTokens}
+  seqs: Region; // SeqInfo [S] = u32 x4 {blockTableOffset, contextLen (KV entries after the step), firstToken, numTokens}
   blockTables: Region; // u32 [S * maxBlocksPerSeq]
   logitRows: Region; // u32 [S]: batch row of the token each sequence samples from
   decodeTokens: Region; // u32x2 [T]: (token, seq) pairs whose attention runs in the decode kernel
@@ -50,6 +51,7 @@ export function stepLayout(cap: StepCapacity): StepLayout {
   const layout = {
     tokenIds: region(T * 4),
     positions: region(T * 4),
+    slots: region(T * 4),
     tokenSeq: region(T * 4),
     seqs: region(S * 16),
     blockTables: region(S * cap.maxBlocksPerSeq * 4),
@@ -87,6 +89,7 @@ export function packStep(
 ): { counts: StepCounts; sampleOrder: number[] } {
   const u32 = (r: Region) => new Uint32Array(out, r.offset, r.size / 4);
   const tokenIds = u32(layout.tokenIds), positions = u32(layout.positions);
+  const slots = u32(layout.slots);
   const tokenSeq = u32(layout.tokenSeq), seqs = u32(layout.seqs);
   const blockTables = u32(layout.blockTables), logitRows = u32(layout.logitRows);
   const decodeTokens = u32(layout.decodeTokens), tiles = u32(layout.tiles);
@@ -108,11 +111,18 @@ export function packStep(
         `step has more than ${cap.maxTokens} tokens; split the prefill into chunks`,
       );
     }
-    const contextLen = seq.startPosition + n;
+    // KV entries of the sequence after this step (positions, unless pruning dropped some).
+    const startSlot = seq.startSlot ?? seq.startPosition;
+    if (startSlot > seq.startPosition) {
+      throw new InvalidRequestError(
+        `sequence ${seq.seqId}: KV slot ${startSlot} is past position ${seq.startPosition}`,
+      );
+    }
+    const contextLen = startSlot + n;
     const blocksNeeded = Math.ceil(contextLen / cap.blockSize);
     if (blocksNeeded > seq.blockTable.length || blocksNeeded > cap.maxBlocksPerSeq) {
       throw new InvalidRequestError(
-        `sequence ${seq.seqId}: ${contextLen} positions need ${blocksNeeded} KV blocks; ` +
+        `sequence ${seq.seqId}: ${contextLen} KV slots need ${blocksNeeded} KV blocks; ` +
           `block table has ${seq.blockTable.length} (engine limit ${cap.maxBlocksPerSeq})`,
       );
     }
@@ -126,11 +136,12 @@ export function packStep(
       }
       tokenIds[t + i] = id;
       positions[t + i] = seq.startPosition + i;
+      slots[t + i] = startSlot + i;
       tokenSeq[t + i] = s;
     }
     chunks.push({ firstToken: t, numTokens: n });
     if (n === 1) decodeAttended += contextLen;
-    else prefillAttended += n * seq.startPosition + (n * (n + 1)) / 2;
+    else prefillAttended += n * startSlot + (n * (n + 1)) / 2;
     if (seq.sample) {
       logitRows[sampleOrder.length] = t + n - 1;
       // The random stream is indexed by the new token's position, so a sequence
