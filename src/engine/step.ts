@@ -18,6 +18,14 @@ export interface SamplingParams {
 export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 
 /**
+ * A token id the CPU does not know yet: the token this sequence sampled in the previous
+ * executed step, fed in on the GPU. Lets a scheduler submit decode step n+1 before reading
+ * step n's sample (pipelined decoding hides the readback latency). Only as tokens[0] of a
+ * sequence that sampled in the immediately preceding plan.
+ */
+export const FEEDBACK_TOKEN = -1;
+
+/**
  * One sequence's share of a step: `tokens` are appended at positions
  * startPosition.. (a prefill chunk, or one decode token). Their K/V are written
  * at KV slots startSlot.. through `blockTable` (physical block ids covering
@@ -36,13 +44,24 @@ export interface SequenceWork {
   sampling: SamplingParams;
 }
 
+/** Copy every layer's K and V of KV block `src` into block `dst` (copy-on-write). */
+export interface BlockCopy {
+  src: number;
+  dst: number;
+}
+
 export interface StepPlan {
+  /** Done first, in order, before any sequence of the step writes its K/V. */
+  copies?: BlockCopy[];
   sequences: SequenceWork[];
 }
 
 export interface StepResult {
   /** Sampled token per sequence of the plan that asked for one (same order), else -1. */
   sampled: number[];
-  /** Wall time of the step on the GPU queue, from submit to completion, in ms. */
+  /**
+   * Wall time from this step's submit until its samples were on the CPU, in ms (with
+   * pipelined steps this includes the wait for the steps submitted before it).
+   */
   gpuMs: number;
 }

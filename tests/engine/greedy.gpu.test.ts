@@ -4,8 +4,7 @@
  */
 import { strictEqual } from "node:assert/strict";
 import { openModelWithTokenizer } from "../../src/engine/load.ts";
-import { ModelRunner } from "../../src/engine/runner/model_runner.ts";
-import { generate } from "../../src/engine/generate.ts";
+import { ServingEngine } from "../../src/host/serving_engine.ts";
 import { GREEDY } from "../../src/engine/step.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";
 
@@ -17,13 +16,9 @@ for (const [layout, path] of [["HF", MODEL_DIR], ["llama2.c", MODEL_DIR + "stori
   Deno.test({ name: `greedy 200 tokens from BOS equal llama2.c's golden text (${layout} layout)`, ...gpuTest }, async () => {
     const ctx = await testContext();
     const { source, tokenizer } = await openModelWithTokenizer(path);
-    const runner = await ModelRunner.create(ctx, source, { maxSeqs: 1, maxContext: 256, maxTokens: 64 });
-    const result = await generate(runner, [source.config.bosTokenId!], {
-      maxTokens: 200,
-      sampling: GREEDY,
-      eosIds: source.config.eosTokenIds,
-    });
-    runner.destroy();
+    const engine = await ServingEngine.create(ctx, source, { maxSeqs: 1, maxContext: 256, maxTokens: 64 });
+    const result = await engine.generate([source.config.bosTokenId!], { maxTokens: 200, sampling: GREEDY });
+    engine.destroy();
     strictEqual(result.tokens.length, 200);
     strictEqual(tokenizer.decode(result.tokens), GOLDEN);
   });

@@ -1,22 +1,33 @@
-/** `mace generate`: text generation from a prompt with the bundled or a given model. */
-import { parseFlags, numberFlag, DEFAULT_MODEL } from "../args.ts";
-import { createGpuContext, type BackendName } from "../../engine/gpu/context.ts";
+/**
+ * `mace generate`: text generation with the bundled or a given model, from one
+ * prompt (streamed to stdout) or from a JSONL file of prompts run together as one
+ * continuously batched workload (one JSON line out per prompt, in file order).
+ */
+import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
+import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
 import { openModelWithTokenizer } from "../../engine/load.ts";
-import { ModelRunner } from "../../engine/runner/model_runner.ts";
-import { generate } from "../../engine/generate.ts";
 import { StreamDecoder } from "../../engine/tokenizer/stream_decoder.ts";
+import type { Tokenizer } from "../../engine/tokenizer/tokenizer.ts";
+import type { SamplingParams } from "../../engine/step.ts";
 import { InvalidRequestError } from "../../engine/errors.ts";
+import { ServingEngine } from "../../host/serving_engine.ts";
+import type { RequestOutput } from "../../scheduler/request.ts";
+import { parsePromptsFile } from "../generate/prompts_file.ts";
 
-export const GENERATE_HELP = `mace generate [--model DIR|FILE] [--tokenizer FILE] [--prompt TEXT]
-    [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-    [--backend auto|wgpu|dawn] [--weights f32|f16] [--json]
-  Generates text; stops at EOS or --max-tokens. An empty prompt starts from BOS.`;
+export const GENERATE_HELP = `mace generate [--model DIR|FILE] [--tokenizer FILE]
+    [--prompt TEXT | --prompts FILE.jsonl] [--max-tokens N] [--temperature T] [--top-k K]
+    [--top-p P] [--seed S] [--backend auto|wgpu|dawn] [--weights f32|f16] [--json]
+    [--max-seqs N] [--chunk-tokens N] [--no-prefix-cache] [--pipeline-depth N]
+  Generates text; stops at EOS or --max-tokens. An empty prompt starts from BOS.
+  --prompts runs every line ({"prompt", "max_tokens"?, "seed"?, "temperature"?, "top_k"?,
+  "top_p"?}) as one continuously batched workload and prints one JSON line per prompt.`;
 
 export async function generateCommand(argv: string[]): Promise<void> {
   const flags = parseFlags(argv, {
     model: { type: "string", default: DEFAULT_MODEL },
     tokenizer: { type: "string" },
     prompt: { type: "string", default: "" },
+    prompts: { type: "string" },
     "max-tokens": { type: "string" },
     temperature: { type: "string" },
     "top-k": { type: "string" },
@@ -25,6 +36,10 @@ export async function generateCommand(argv: string[]): Promise<void> {
     backend: { type: "string", default: "auto" },
     weights: { type: "string", default: "f32" },
     json: { type: "boolean", default: false },
+    "max-seqs": { type: "string" },
+    "chunk-tokens": { type: "string" },
+    "no-prefix-cache": { type: "boolean", default: false },
+    "pipeline-depth": { type: "string" },
   }, "generate");
   const backend = flags.backend as BackendName;
   if (!["auto", "wgpu", "dawn"].includes(backend)) {
@@ -33,59 +48,118 @@ export async function generateCommand(argv: string[]): Promise<void> {
   if (flags.weights !== "f32" && flags.weights !== "f16") {
     throw new InvalidRequestError(`--weights ${flags.weights}: expected f32 or f16`);
   }
+  const positiveInt = (n: number) => Number.isInteger(n) && n >= 1;
+  const lines = flags.prompts !== undefined
+    ? parsePromptsFile(await readPromptsFile(flags.prompts), flags.prompts)
+    : [{ prompt: flags.prompt! }];
   const { source, tokenizer } = await openModelWithTokenizer(flags.model!, flags.tokenizer);
   const defaults = source.generationConfig ?? {};
-  const maxTokens = numberFlag(flags["max-tokens"], "max-tokens", 256, (n) => Number.isInteger(n) && n >= 1);
-  const sampling = {
+  const maxTokens = numberFlag(flags["max-tokens"], "max-tokens", 256, positiveInt);
+  const sampling: SamplingParams = {
     temperature: numberFlag(flags.temperature, "temperature", defaults.temperature ?? 0, (n) => n >= 0),
     topK: numberFlag(flags["top-k"], "top-k", defaults.topK ?? 0, (n) => Number.isInteger(n) && n >= 0),
     topP: numberFlag(flags["top-p"], "top-p", defaults.topP ?? 1, (n) => n > 0 && n <= 1),
     seed: numberFlag(flags.seed, "seed", 0, (n) => Number.isInteger(n) && n >= 0),
   };
-  const prompt = tokenizer.encode(flags.prompt!, { addSpecialTokens: true });
-  if (prompt.length === 0 && source.config.bosTokenId !== null) prompt.push(source.config.bosTokenId);
+  const requests = lines.map((line) => ({
+    text: line.prompt,
+    prompt: encodePrompt(tokenizer, line.prompt, source.config.bosTokenId),
+    maxTokens: line.maxTokens ?? maxTokens,
+    sampling: {
+      temperature: line.temperature ?? sampling.temperature,
+      topK: line.topK ?? sampling.topK,
+      topP: line.topP ?? sampling.topP,
+      seed: line.seed ?? sampling.seed,
+    },
+  }));
+  const longest = Math.max(...requests.map((r) => r.prompt.length + r.maxTokens));
 
   const ctx = await createGpuContext({ backend });
-  const runner = await ModelRunner.create(ctx, source, {
+  const engine = await ServingEngine.create(ctx, source, {
     weightDtype: flags.weights as "f32" | "f16",
-    maxSeqs: 1,
-    maxContext: Math.min(source.config.maxPositionEmbeddings, prompt.length + maxTokens),
-    maxTokens: Math.min(512, prompt.length),
+    maxSeqs: numberFlag(flags["max-seqs"], "max-seqs", Math.min(16, requests.length), positiveInt),
+    maxContext: Math.min(source.config.maxPositionEmbeddings, longest),
+    maxTokens: numberFlag(flags["chunk-tokens"], "chunk-tokens", 256, positiveInt),
+    prefixCaching: !flags["no-prefix-cache"],
+    pipelineDepth: numberFlag(flags["pipeline-depth"], "pipeline-depth", 3, positiveInt),
   });
-  const eosIds = defaults.eosTokenIds ?? source.config.eosTokenIds;
+  try {
+    if (flags.prompts === undefined) {
+      await generateOne(engine, tokenizer, requests[0], flags.json!, ctx);
+    } else {
+      const outputs = await Promise.all(requests.map((r) => engine.generate(r.prompt, r)));
+      for (const output of outputs) console.log(JSON.stringify(outputJson(output, tokenizer)));
+      const stats = engine.blockManager.stats();
+      console.error(
+        `[${outputs.length} prompts, ${outputs.reduce((n, o) => n + o.tokens.length, 0)} tokens, ` +
+          `prefix hit rate ${(100 * stats.hitRate).toFixed(1)}%, ${ctx.backend}: ${ctx.adapterDescription}]`,
+      );
+    }
+  } finally {
+    engine.destroy();
+    ctx.destroy();
+  }
+}
+
+async function readPromptsFile(path: string): Promise<string> {
+  try {
+    return await Deno.readTextFile(path);
+  } catch (e) {
+    throw new InvalidRequestError(`--prompts ${path}: cannot read it (${(e as Error).message})`);
+  }
+}
+
+function encodePrompt(tokenizer: Tokenizer, text: string, bos: number | null): number[] {
+  const ids = tokenizer.encode(text, { addSpecialTokens: true });
+  if (ids.length === 0 && bos !== null) ids.push(bos);
+  if (ids.length === 0) {
+    throw new InvalidRequestError("the prompt is empty and the model has no BOS token to start from");
+  }
+  return ids;
+}
+
+function outputJson(output: RequestOutput, tokenizer: Tokenizer) {
+  const decodeMs = output.tokenTimesMs.reduce((a, b) => a + b, 0);
+  return {
+    promptTokens: output.promptTokens,
+    tokens: output.tokens,
+    text: tokenizer.decode(output.tokens),
+    stopReason: output.stopReason,
+    ttftMs: output.ttftMs,
+    tokenTimesMs: output.tokenTimesMs,
+    decodeTokensPerSecond: output.tokenTimesMs.length / (decodeMs / 1000),
+    prefixHitTokens: output.prefixHitTokens,
+    loraAdapter: null,
+  };
+}
+
+async function generateOne(
+  engine: ServingEngine,
+  tokenizer: Tokenizer,
+  request: { text: string; prompt: number[]; maxTokens: number; sampling: SamplingParams },
+  json: boolean,
+  ctx: { backend: string; adapterDescription: string },
+): Promise<void> {
   const decoder = new StreamDecoder(tokenizer);
   const encoder = new TextEncoder();
-  if (!flags.json) await Deno.stdout.write(encoder.encode(flags.prompt!));
-  const result = await generate(runner, prompt, {
-    maxTokens,
-    sampling,
-    eosIds,
-    onToken: flags.json ? undefined : (id) => {
-      Deno.stdout.writeSync(encoder.encode(decoder.push(id)));
-    },
+  if (!json) await Deno.stdout.write(encoder.encode(request.text));
+  const output = await engine.generate(request.prompt, {
+    ...request,
+    onToken: json ? undefined : (id) => Deno.stdout.writeSync(encoder.encode(decoder.push(id))),
   });
-  const decodeMs = result.tokenTimesMs.reduce((a, b) => a + b, 0);
-  if (flags.json) {
+  if (json) {
     console.log(JSON.stringify({
-      model: source.description,
       backend: ctx.backend,
       adapter: ctx.adapterDescription,
-      promptTokens: result.promptTokens,
-      tokens: result.tokens,
-      text: tokenizer.decode(result.tokens),
-      stopReason: result.stopReason,
-      ttftMs: result.ttftMs,
-      tokenTimesMs: result.tokenTimesMs,
-      decodeTokensPerSecond: result.tokenTimesMs.length / (decodeMs / 1000),
-      loraAdapter: null,
+      ...outputJson(output, tokenizer),
     }));
-  } else {
-    Deno.stdout.writeSync(encoder.encode(decoder.flush() + "\n"));
-    console.error(
-      `[${result.tokens.length} tokens, TTFT ${result.ttftMs.toFixed(1)} ms, ` +
-        `${(result.tokenTimesMs.length / (decodeMs / 1000)).toFixed(1)} tokens/s, ${ctx.backend}: ${ctx.adapterDescription}]`,
-    );
+    return;
   }
-  runner.destroy();
-  ctx.destroy();
+  Deno.stdout.writeSync(encoder.encode(decoder.flush() + "\n"));
+  const decodeMs = output.tokenTimesMs.reduce((a, b) => a + b, 0);
+  console.error(
+    `[${output.tokens.length} tokens, TTFT ${output.ttftMs.toFixed(1)} ms, ` +
+      `${(output.tokenTimesMs.length / (decodeMs / 1000)).toFixed(1)} tokens/s, ` +
+      `${ctx.backend}: ${ctx.adapterDescription}]`,
+  );
 }

@@ -42,3 +42,14 @@ export function embeddingGather(
   }
   return result;
 }
+
+/** Token feedback: tokenIds with tokenIds[dst] = sampled[src] for each (src, dst) pair. */
+export function tokenFeedback(
+  tokenIds: ArrayLike<number>,
+  sampled: ArrayLike<number>,
+  pairs: readonly (readonly [number, number])[],
+): Uint32Array {
+  const out = Uint32Array.from(tokenIds);
+  for (const [src, dst] of pairs) out[dst] = sampled[src];
+  return out;
+}

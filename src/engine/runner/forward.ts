@@ -2,6 +2,7 @@
  * The batched forward pass of a Llama/Qwen2 model as a fixed list of kernel
  * dispatches over the step's token batch (T tokens, S sequences):
  *
+ *   tokenIds[fed-back tokens] = sampled (of the previous step)
  *   hidden[T,D] = embed(tokenIds)
  *   per layer:  normed = rmsnorm(hidden)
  *               qkv[T,(H+2Hkv)hd] = normed·Wqkv^T (+bias)
@@ -30,6 +31,7 @@ import { AttentionDecode, AttentionPrefill } from "../kernels/attention.ts";
 import { createInvFreqUniform, RopeKvWrite } from "../kernels/rope_kv_write.ts";
 import { FinalNorm } from "../kernels/final_norm.ts";
 import { Sampler } from "../kernels/sample.ts";
+import { TokenFeedback } from "../kernels/token_feedback.ts";
 import type { Region, StepCapacity, StepCounts, StepLayout } from "./step_data.ts";
 import type { UniformArena } from "./uniform_arena.ts";
 
@@ -45,6 +47,8 @@ export interface ForwardInputs {
 }
 
 export interface Forward {
+  /** u32 [maxTokens]: the step's input token ids (layout.tokenIds is uploaded here). */
+  tokenIds: GPUBuffer;
   /** u32 [maxSeqs]: the sampled token of each sampling sequence, in sample order. */
   sampled: GPUBuffer;
   /** f32 [maxSeqs, V]: logits of the sampling rows of the last step. */
@@ -52,6 +56,10 @@ export interface Forward {
   activationBytes: number;
   /** KV pool bytes (all layers, K and V). */
   kvBytes: number;
+  /** Every layer's K pool, then every layer's V pool: f32 [kvBlocks, Hkv, BS, hd] each. */
+  kvCaches: readonly GPUBuffer[];
+  /** Bytes of one block in one pool. */
+  kvBlockBytes: number;
   dispatches: readonly ForwardDispatch[];
   /** Bytes of weights one step reads (every matrix once; the embedding only its gathered rows). */
   weightBytesPerStep(counts: StepCounts): number;
@@ -90,6 +98,9 @@ export function buildForward(inputs: ForwardInputs): Forward {
   const last = buffer(S * D, "last");
   const logits = buffer(S * V, "logits");
   const sampled = buffer(S, "sampled");
+  // The step's input ids live apart from the other step data: token feedback writes them while
+  // reading the step data, and one dispatch may not read and write the same buffer.
+  const tokenIds = buffer(T, "token ids");
   const activationBytes = owned.reduce((sum, b) => sum + b.size, 0);
   const kvFloats = inputs.kvBlocks * Hkv * capacity.blockSize * hd;
   const kCaches = Array.from({ length: c.numLayers }, (_, l) => buffer(kvFloats, `k_cache.${l}`));
@@ -106,11 +117,24 @@ export function buildForward(inputs: ForwardInputs): Forward {
     dispatches.push({ kind, run, cost });
   const wordBytes = (dtype: string) => (dtype === "f16" ? 2 : 4);
 
+  // Inputs sampled by the previous step (FEEDBACK_TOKEN) land in tokenIds before the embedding.
+  const feedback = new TokenFeedback(ctx);
+  const feedbackGroup = feedback.bind(
+    uniforms.slot((n) => [["u32", n.feedbackTokens]]),
+    step(layout.feedback),
+    sampled,
+    tokenIds,
+  );
+  add("token_feedback", (pass, n) => feedback.encode(pass, feedbackGroup, n.feedbackTokens), (n) => ({
+    bytes: n.feedbackTokens * 12,
+    flops: 0,
+  }));
+
   // Embedding: one dispatch per vocabulary chunk.
   const embedding = new Embedding(ctx, { dim: D, weight: dtype });
   for (const chunk of weights.embedding.chunks) {
     const params = uniforms.slot((n) => [["u32", n.tokens], ["u32", chunk.rowStart], ["u32", chunk.rows]]);
-    const group = embedding.bind(params, step(layout.tokenIds), chunk.buffer, hidden);
+    const group = embedding.bind(params, tokenIds, chunk.buffer, hidden);
     add("embedding", (pass, n) => embedding.encode(pass, group, n.tokens), (n) => ({
       bytes: n.tokens * D * (4 + wordBytes(dtype)),
       flops: 0,
@@ -216,10 +240,13 @@ export function buildForward(inputs: ForwardInputs): Forward {
       matrixWeightBytes(w.gateUp) + matrixWeightBytes(w.down);
   }
   return {
+    tokenIds,
     sampled,
     logits,
     activationBytes,
     kvBytes: (kCaches.length + vCaches.length) * kvFloats * 4,
+    kvCaches: [...kCaches, ...vCaches],
+    kvBlockBytes: Hkv * capacity.blockSize * hd * 4,
     dispatches,
     weightBytesPerStep: (n) =>
       layerWeightBytes + n.tokens * D * wordBytes(dtype) +

@@ -5,15 +5,16 @@
  * token ids only.
  *
  * Per step the CPU does: pack the plan (one writeBuffer of index data, one of
- * uniforms), record one compute pass, submit once, map the sampled ids.
+ * uniforms), record one compute pass, submit once, map the sampled ids. Steps
+ * can be pipelined (see execute).
  */
 import type { GpuContext } from "../gpu/context.ts";
 import { createStorage, readF32 } from "../gpu/buffers.ts";
 import type { ModelConfig } from "../model/config.ts";
 import type { ModelSource } from "../model/source.ts";
 import { type GpuWeights, uploadWeights, type WeightDtype } from "../model/gpu_weights.ts";
-import { GpuMemoryError } from "../errors.ts";
-import type { StepPlan, StepResult } from "../step.ts";
+import { GpuMemoryError, InvalidRequestError } from "../errors.ts";
+import { type BlockCopy, GREEDY, type StepPlan, type StepResult } from "../step.ts";
 import { packStep, type StepCapacity, type StepCounts, stepLayout, type StepLayout } from "./step_data.ts";
 import { UniformArena } from "./uniform_arena.ts";
 import { buildForward, type Forward } from "./forward.ts";
@@ -28,14 +29,18 @@ export interface RunnerOptions {
   /** Longest sequence (prompt + generation) in tokens. */
   maxContext?: number;
   blockSize?: number;
-  /** KV pool size in blocks; default: maxSeqs sequences of maxContext tokens. */
+  /** KV pool size in blocks; default: from kvMemoryBytes, else maxSeqs sequences of maxContext tokens. */
   kvBlocks?: number;
+  /** Memory budget of the KV pool (all layers, K and V), in bytes. */
+  kvMemoryBytes?: number;
 }
 
 export interface MemoryReport {
   weightBytes: number;
   kvBytes: number;
   kvBlocks: number;
+  /** Tokens the KV pool holds (kvBlocks * blockSize). */
+  kvTokens: number;
   kvBytesPerToken: number;
   activationBytes: number;
 }
@@ -44,7 +49,13 @@ export class ModelRunner {
   private readonly stepBytes: ArrayBuffer;
   /** Counts of the last executed step: the GPU's step data and uniforms hold this step. */
   lastCounts: StepCounts | null = null;
-  private readonly readback: GPUBuffer;
+  /** Readback buffers for the sampled ids: one per step in flight, reused. */
+  private readonly readbacks: GPUBuffer[] = [];
+  private readonly freeReadbacks: GPUBuffer[] = [];
+  /** seqId -> sample row, for the sequences that sampled in the last submitted step. */
+  private previousSampleRows = new Map<number, number>();
+  /** One block of every KV pool, for copy-on-write block copies; made on first use. */
+  private blockStaging: GPUBuffer | null = null;
 
   private constructor(
     readonly ctx: GpuContext,
@@ -60,11 +71,6 @@ export class ModelRunner {
     readonly memory: MemoryReport,
   ) {
     this.stepBytes = new ArrayBuffer(layout.totalBytes);
-    this.readback = ctx.device.createBuffer({
-      label: "sampled readback",
-      size: capacity.maxSeqs * 4,
-      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-    });
   }
 
   static async create(ctx: GpuContext, source: ModelSource, options: RunnerOptions = {}) {
@@ -78,8 +84,18 @@ export class ModelRunner {
       blockSize,
       tileQ: PREFILL_TILE_Q,
     };
-    const kvBlocks = options.kvBlocks ?? capacity.maxSeqs * capacity.maxBlocksPerSeq;
     const kvBytesPerBlock = config.numKvHeads * blockSize * config.headDim * 4;
+    const kvBlocks = options.kvBlocks ??
+      (options.kvMemoryBytes !== undefined
+        ? Math.floor(options.kvMemoryBytes / (2 * config.numLayers * kvBytesPerBlock))
+        : capacity.maxSeqs * capacity.maxBlocksPerSeq);
+    if (!Number.isInteger(kvBlocks) || kvBlocks < capacity.maxBlocksPerSeq) {
+      throw new GpuMemoryError(
+        `KV pool of ${kvBlocks} blocks cannot hold one sequence of ${maxContext} tokens ` +
+          `(${capacity.maxBlocksPerSeq} blocks of ${blockSize}); raise the KV memory budget or ` +
+          `lower the context length`,
+      );
+    }
     if (kvBlocks * kvBytesPerBlock > ctx.limits.maxStorageBufferBindingSize) {
       throw new GpuMemoryError(
         `KV pool of ${kvBlocks} blocks (${kvBlocks * kvBytesPerBlock} bytes per layer and K/V) ` +
@@ -100,6 +116,7 @@ export class ModelRunner {
       weightBytes: weights.bytes,
       kvBytes,
       kvBlocks,
+      kvTokens: kvBlocks * blockSize,
       kvBytesPerToken: kvBytes / (kvBlocks * blockSize),
       activationBytes: forward.activationBytes + layout.totalBytes,
     };
@@ -108,35 +125,111 @@ export class ModelRunner {
     );
   }
 
-  /** Runs one step; resolves with the sampled token of every sequence that asked for one. */
-  async execute(plan: StepPlan): Promise<StepResult> {
+  /**
+   * Runs one step; resolves with the sampled token of every sequence that asked for one.
+   * Steps may be pipelined: call execute again before the previous promise settles and the
+   * GPU runs them back to back, in call order (everything up to the submit happens
+   * synchronously in this call). With FEEDBACK_TOKEN inputs a decode step needs no result of
+   * the step before it, which hides the readback latency (about 11 ms per await on Deno's
+   * wgpu, whatever the work).
+   */
+  execute(plan: StepPlan): Promise<StepResult> {
     const { counts, sampleOrder } = packStep(
-      plan, this.capacity, this.layout, this.config.vocabSize, this.stepBytes,
+      plan, this.capacity, this.layout, this.config.vocabSize, this.stepBytes, this.previousSampleRows,
     );
+    this.previousSampleRows = new Map(sampleOrder.map((planIndex, row) => [plan.sequences[planIndex].seqId, row]));
     const device = this.ctx.device;
+    // Queue writes are ordered with submits: steps still running keep their own data.
     device.queue.writeBuffer(this.stepBuffer, 0, this.stepBytes);
+    const ids = this.layout.tokenIds;
+    device.queue.writeBuffer(this.forward.tokenIds, 0, this.stepBytes, ids.offset, Math.max(4, counts.tokens * 4));
     this.uniforms.write(counts);
     this.lastCounts = counts;
     const encoder = device.createCommandEncoder();
+    for (const copy of plan.copies ?? []) this.encodeBlockCopy(encoder, copy);
     const pass = encoder.beginComputePass();
     this.forward.encode(pass, counts);
     pass.end();
-    if (counts.sampledSeqs > 0) {
-      encoder.copyBufferToBuffer(this.forward.sampled, 0, this.readback, 0, counts.sampledSeqs * 4);
-    }
+    const readback = this.freeReadbacks.pop() ?? this.createReadback();
+    const bytes = counts.sampledSeqs * 4;
+    if (bytes > 0) encoder.copyBufferToBuffer(this.forward.sampled, 0, readback, 0, bytes);
     const start = performance.now();
     device.queue.submit([encoder.finish()]);
+    return this.collect(plan, sampleOrder, readback, bytes, start);
+  }
+
+  private async collect(
+    plan: StepPlan,
+    sampleOrder: number[],
+    readback: GPUBuffer,
+    bytes: number,
+    start: number,
+  ): Promise<StepResult> {
     const sampled = new Array<number>(plan.sequences.length).fill(-1);
-    if (counts.sampledSeqs > 0) {
-      await this.readback.mapAsync(GPUMapMode.READ, 0, counts.sampledSeqs * 4);
-      const ids = new Uint32Array(this.readback.getMappedRange(0, counts.sampledSeqs * 4));
-      sampleOrder.forEach((planIndex, row) => (sampled[planIndex] = ids[row]));
-      this.readback.unmap();
-    } else {
-      await device.queue.onSubmittedWorkDone();
+    try {
+      if (bytes > 0) {
+        await readback.mapAsync(GPUMapMode.READ, 0, bytes);
+        const ids = new Uint32Array(readback.getMappedRange(0, bytes));
+        sampleOrder.forEach((planIndex, row) => (sampled[planIndex] = ids[row]));
+        readback.unmap();
+      } else {
+        await this.ctx.device.queue.onSubmittedWorkDone();
+      }
+    } finally {
+      this.freeReadbacks.push(readback);
     }
     this.ctx.throwIfFailed();
     return { sampled, gpuMs: performance.now() - start };
+  }
+
+  /**
+   * Runs a two-token prefill and a decode on KV block 0 (whose contents are then garbage, as for
+   * any block before its sequence writes it), so that drivers that compile pipelines on first
+   * use do it now rather than in the first request.
+   */
+  async warmUp(): Promise<void> {
+    const work = (tokens: number[], startPosition: number) => ({
+      seqId: -1, tokens, startPosition, blockTable: [0], sample: true, sampling: GREEDY,
+    });
+    await this.execute({ sequences: [work([0, 0].slice(0, this.capacity.maxTokens), 0)] });
+    await this.execute({ sequences: [work([0], 1)] });
+    this.previousSampleRows.clear();
+  }
+
+  /**
+   * Copies one KV block (all layers, K and V: [Hkv, BS, hd] f32 each, contiguous) through a
+   * staging buffer, since WebGPU copies never have the same source and destination buffer.
+   */
+  private encodeBlockCopy(encoder: GPUCommandEncoder, { src, dst }: BlockCopy): void {
+    for (const id of [src, dst]) {
+      if (!Number.isInteger(id) || id < 0 || id >= this.kvBlocks) {
+        throw new InvalidRequestError(
+          `block copy ${src} -> ${dst}: block ${id} is outside the pool of ${this.kvBlocks}`,
+        );
+      }
+    }
+    const bytes = this.forward.kvBlockBytes;
+    this.blockStaging ??= this.ctx.device.createBuffer({
+      label: "kv block copy staging",
+      size: bytes * this.forward.kvCaches.length,
+      usage: GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+    });
+    this.forward.kvCaches.forEach((cache, i) =>
+      encoder.copyBufferToBuffer(cache, src * bytes, this.blockStaging!, i * bytes, bytes)
+    );
+    this.forward.kvCaches.forEach((cache, i) =>
+      encoder.copyBufferToBuffer(this.blockStaging!, i * bytes, cache, dst * bytes, bytes)
+    );
+  }
+
+  private createReadback(): GPUBuffer {
+    const buffer = this.ctx.device.createBuffer({
+      label: "sampled readback",
+      size: this.capacity.maxSeqs * 4,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    this.readbacks.push(buffer);
+    return buffer;
   }
 
   /**
@@ -151,6 +244,7 @@ export class ModelRunner {
     this.forward.destroy();
     this.uniforms.destroy();
     this.stepBuffer.destroy();
-    this.readback.destroy();
+    for (const buffer of this.readbacks) buffer.destroy();
+    this.blockStaging?.destroy();
   }
 }

@@ -4,7 +4,7 @@
  * writeBuffer per step. Regions start at 256-byte offsets so each can be bound
  * on its own.
  */
-import type { StepPlan } from "../step.ts";
+import { FEEDBACK_TOKEN, type StepPlan } from "../step.ts";
 import { planAttention } from "../kernels/attention.ts";
 import { packSamplingParams, SAMPLING_PARAMS_BYTES, type SamplingOptions } from "../kernels/sample.ts";
 import { InvalidRequestError } from "../errors.ts";
@@ -23,7 +23,7 @@ export interface Region {
 }
 
 export interface StepLayout {
-  tokenIds: Region; // u32 [T]
+  tokenIds: Region; // u32 [T] (uploaded to its own GPU buffer, see Forward.tokenIds)
   positions: Region; // u32 [T]: rotary position of each token
   slots: Region; // u32 [T]: index of each token in its sequence's KV (its position unless pruned)
   tokenSeq: Region; // u32 [T]
@@ -33,6 +33,7 @@ export interface StepLayout {
   decodeTokens: Region; // u32x2 [T]: (token, seq) pairs whose attention runs in the decode kernel
   tiles: Region; // u32x4 [maxTiles]: prefill attention tiles (seq, firstToken, count, 0)
   sampling: Region; // SamplingParams [S], 32 bytes each
+  feedback: Region; // u32x2 [S]: (previous step's sample row, token index) of FEEDBACK_TOKEN inputs
   totalBytes: number;
 }
 
@@ -59,6 +60,7 @@ export function stepLayout(cap: StepCapacity): StepLayout {
     decodeTokens: region(T * 8),
     tiles: region(maxTiles(cap) * 16),
     sampling: region(S * SAMPLING_PARAMS_BYTES),
+    feedback: region(S * 8),
   };
   return { ...layout, totalBytes: offset };
 }
@@ -68,6 +70,8 @@ export interface StepCounts {
   tokens: number;
   seqs: number;
   sampledSeqs: number;
+  /** Input tokens copied on the GPU from the previous step's samples (FEEDBACK_TOKEN). */
+  feedbackTokens: number;
   decodeTokens: number;
   tiles: number;
   /** Sum over decode-kernel tokens of the keys each attends to (position + 1), for cost models. */
@@ -79,6 +83,8 @@ export interface StepCounts {
 /**
  * Fills `out` (layout.totalBytes) from the plan. Sequences that sample come first
  * in logitRows/sampling, in plan order; `sampleOrder[i]` is the plan index of row i.
+ * `previousSampleRows` maps the seqIds that sampled in the previous step to their
+ * sample row there: a FEEDBACK_TOKEN input is read from that row on the GPU.
  */
 export function packStep(
   plan: StepPlan,
@@ -86,6 +92,7 @@ export function packStep(
   layout: StepLayout,
   vocabSize: number,
   out: ArrayBuffer,
+  previousSampleRows: ReadonlyMap<number, number> = new Map(),
 ): { counts: StepCounts; sampleOrder: number[] } {
   const u32 = (r: Region) => new Uint32Array(out, r.offset, r.size / 4);
   const tokenIds = u32(layout.tokenIds), positions = u32(layout.positions);
@@ -93,6 +100,8 @@ export function packStep(
   const tokenSeq = u32(layout.tokenSeq), seqs = u32(layout.seqs);
   const blockTables = u32(layout.blockTables), logitRows = u32(layout.logitRows);
   const decodeTokens = u32(layout.decodeTokens), tiles = u32(layout.tiles);
+  const feedback = u32(layout.feedback);
+  let feedbackTokens = 0;
   const samplingRows: SamplingOptions[] = [];
 
   if (plan.sequences.length > cap.maxSeqs) {
@@ -131,7 +140,16 @@ export function packStep(
     seqs.set([tableOffset, contextLen, t, n], s * 4);
     for (let i = 0; i < n; i++) {
       const id = seq.tokens[i];
-      if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
+      if (id === FEEDBACK_TOKEN && i === 0) {
+        const row = previousSampleRows.get(seq.seqId);
+        if (row === undefined) {
+          throw new InvalidRequestError(
+            `sequence ${seq.seqId}: FEEDBACK_TOKEN input, but it did not sample in the previous step`,
+          );
+        }
+        feedback.set([row, t + i], 2 * feedbackTokens++);
+        tokenIds[t + i] = 0;
+      } else if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
         throw new InvalidRequestError(`sequence ${seq.seqId}: token id ${id} outside [0, ${vocabSize})`);
       }
       tokenIds[t + i] = id;
@@ -160,6 +178,7 @@ export function packStep(
       tokens: t,
       seqs: plan.sequences.length,
       sampledSeqs: sampleOrder.length,
+      feedbackTokens,
       decodeTokens: attention.decodeTokens.length / 2,
       tiles: attention.tiles.length / 4,
       decodeAttended,

@@ -1,0 +1,119 @@
+/**
+ * Accumulated attention mass for H2O-style KV pruning (src/shaders/attention_mass.wgsl): for each
+ * listed chunk (one sequence's consecutive query tokens of this step), adds weight * the softmax
+ * probability every query token and head gives each cached key to that key's physical slot of
+ * mass [numBlocks * BS]. One workgroup per chunk; one dispatch per layer, accumulating into the
+ * same mass array (the caller zeroes newly allocated slots and passes weight = 1 / (H numLayers)
+ * to get the per-key mean over heads and layers, summed over query tokens).
+ */
+import code from "../../shaders/attention_mass.wgsl" with { type: "text" };
+import { packUniform } from "../gpu/buffers.ts";
+import type { GpuContext } from "../gpu/context.ts";
+import { type BindingResource, Kernel } from "../gpu/kernel.ts";
+import { InvalidRequestError, ModelFormatError } from "../errors.ts";
+import type { AttentionShape } from "./attention.ts";
+import { workgroupGrid } from "./grid.ts";
+
+/** Largest head dim: a thread keeps PACK * hd/4 <= 32 vec4s of query (MAX_STATE). */
+const MAX_HEAD_DIM = 128;
+/** MAX_PACK and STAGE in attention_mass.wgsl. */
+const MAX_PACK = 8;
+const STAGE = 128;
+/** Heads packed per key load: at most this many vec4s of query state (as attention_decode). */
+const REUSE_VEC4 = 8;
+
+/** One chunk entry: 4 u32 (firstToken, numTokens, blockTableOffset, numKeys0). */
+export const MASS_CHUNK_WORDS = 4;
+
+/** The params uniform's contents: { count: u32, weight: f32 } padded to 16 bytes. */
+export function packAttentionMassParams(count: number, weight: number): Uint8Array {
+  return packUniform([["u32", count], ["f32", weight]]);
+}
+
+/** Query heads per pass: the largest divisor of the GQA group size that fits. */
+function massHeadsPerPass(shape: AttentionShape, threads: number): number {
+  const group = shape.numHeads / shape.numKvHeads;
+  const vec4s = shape.headDim / 4;
+  let pack = 1;
+  for (let g = 2; g <= Math.min(group, MAX_PACK); g++) {
+    if (group % g === 0 && g * vec4s <= REUSE_VEC4 && g * threads <= STAGE) pack = g;
+  }
+  return pack;
+}
+
+export class AttentionMass {
+  private readonly kernel: Kernel;
+  private readonly maxPerDimension: number;
+
+  /**
+   * options.threads: threads per workgroup splitting each token's keys, 1..64 (default: 8, one
+   * SIMD group, on CPU-emulated adapters, where barriers are costly; else 32).
+   */
+  constructor(ctx: GpuContext, readonly shape: AttentionShape, options: { threads?: number } = {}) {
+    const { numHeads, numKvHeads, headDim, blockSize } = shape;
+    if (headDim % 4 !== 0 || headDim <= 0 || headDim > MAX_HEAD_DIM) {
+      throw new ModelFormatError(
+        "config.json",
+        `head_dim ${headDim} is not supported by attention_mass ` +
+          `(needs a multiple of 4, at most ${MAX_HEAD_DIM})`,
+      );
+    }
+    if (numKvHeads <= 0 || numHeads % numKvHeads !== 0) {
+      throw new ModelFormatError(
+        "config.json",
+        `num_attention_heads ${numHeads} is not a multiple of num_key_value_heads ${numKvHeads}`,
+      );
+    }
+    if (!Number.isInteger(blockSize) || blockSize <= 0) {
+      throw new InvalidRequestError(`KV block size ${blockSize} must be a positive integer`);
+    }
+    const threads = options.threads ?? (ctx.isSoftware ? 8 : 32);
+    if (!Number.isInteger(threads) || threads < 1 || threads > 64) {
+      throw new InvalidRequestError(
+        `attention_mass threads must be an integer in 1..64, got ${threads}`,
+      );
+    }
+    this.maxPerDimension = ctx.limits.maxComputeWorkgroupsPerDimension;
+    this.kernel = Kernel.get(ctx, {
+      name: "attention_mass",
+      code,
+      bindings: ["uniform", "read", "read", "read", "read", "storage"],
+      constants: {
+        H: numHeads,
+        HKV: numKvHeads,
+        HD: headDim,
+        BS: blockSize,
+        SCALE: Math.fround(1 / Math.sqrt(headDim)),
+        PACK: massHeadsPerPass(shape, threads),
+        WG: threads,
+      },
+    });
+  }
+
+  /**
+   * params: uniform { count: u32, weight: f32 } (packAttentionMassParams); q: f32 [T, H hd]
+   * rotated queries; blockTables: u32 [*]; kCache: the layer's K pool f32 [numBlocks, Hkv, BS,
+   * hd]; chunks: u32 [count, 4] = (firstToken, numTokens, blockTableOffset, numKeys0), chunks of
+   * different sequences only; mass: f32 [numBlocks * BS], accumulated in place.
+   */
+  bind(
+    params: BindingResource,
+    q: BindingResource,
+    blockTables: BindingResource,
+    kCache: BindingResource,
+    chunks: BindingResource,
+    mass: BindingResource,
+  ): GPUBindGroup {
+    return this.kernel.bind([params, q, blockTables, kCache, chunks, mass]);
+  }
+
+  /**
+   * Records the dispatch for `count` chunks (params.count; a larger count is fine too, the extra
+   * workgroups return at once).
+   */
+  encode(pass: GPUComputePassEncoder, group: GPUBindGroup, count: number): void {
+    if (count === 0) return;
+    const [x, y] = workgroupGrid(count, this.maxPerDimension);
+    this.kernel.dispatch(pass, group, x, y);
+  }
+}

@@ -1,0 +1,252 @@
+/**
+ * Continuous batching with chunked prefill (vLLM-style, first come first served),
+ * over the paged KV cache of a BlockManager. Pure TypeScript: it builds StepPlans
+ * and reads StepResults; the engine executes them.
+ *
+ * A request is a token sequence X = prompt ++ generated tokens (the last few may
+ * still be in flight on the GPU). `numScheduled` tokens of X have their K/V
+ * computed or submitted; every step closes the gap under a token budget, so a
+ * prefill chunk, a decode and a recompute after preemption are the same thing.
+ * Decodes may be scheduled before the previous step's sample is on the CPU
+ * (FEEDBACK_TOKEN), so the engine loop can keep several steps in flight.
+ *
+ * Per step: running requests that need one token (decodes) first, then running
+ * requests still prefilling, then waiting requests are admitted in arrival order
+ * while the budget, the step's sequence limit and the KV pool allow. When the pool
+ * is full a decode preempts the most recently admitted request (its blocks are
+ * freed, its full blocks stay in the prefix cache, and it is recomputed later).
+ */
+import type { BlockCopy, StepPlan, StepResult } from "../engine/step.ts";
+import { FEEDBACK_TOKEN } from "../engine/step.ts";
+import { InvalidRequestError } from "../engine/errors.ts";
+import type { BlockManager } from "./block_manager.ts";
+import { type GenerationRequest, RequestState } from "./request.ts";
+
+export interface BatchSchedulerOptions {
+  blockManager: BlockManager;
+  /** Tokens per step: the prefill chunk budget. */
+  maxTokensPerStep: number;
+  /** Sequences per step. */
+  maxSeqsPerStep: number;
+  /** Longest sequence (prompt + generated) the engine accepts. */
+  maxContext: number;
+}
+
+/** One plan entry and what the scheduler needs to account for it when its result arrives. */
+interface StepEntry {
+  request: RequestState;
+  /** The request's admission (preemption starts a new one); stale entries are ignored. */
+  admission: number;
+  /** Index in X of the first token. */
+  start: number;
+  count: number;
+  sample: boolean;
+}
+
+export interface ScheduledStep {
+  id: number;
+  plan: StepPlan;
+  entries: StepEntry[];
+}
+
+export class BatchScheduler {
+  private readonly waiting: RequestState[] = [];
+  /** Admitted requests, in admission order. */
+  private readonly running: RequestState[] = [];
+  private readonly admissions = new Map<RequestState, number>();
+  private nextStepId = 0;
+  private admissionCounter = 0;
+
+  constructor(readonly options: BatchSchedulerOptions) {}
+
+  /** Queues a request. Throws InvalidRequestError if it can never run on this engine. */
+  add(request: GenerationRequest, now: number): RequestState {
+    const { prompt, maxTokens } = request;
+    if (prompt.length === 0) throw new InvalidRequestError(`request ${request.id}: empty prompt`);
+    if (!Number.isInteger(maxTokens) || maxTokens < 1) {
+      throw new InvalidRequestError(`request ${request.id}: max tokens must be a positive integer`);
+    }
+    if (prompt.length + maxTokens > this.options.maxContext) {
+      throw new InvalidRequestError(
+        `request ${request.id}: prompt (${prompt.length} tokens) + max tokens (${maxTokens}) ` +
+          `exceeds the context of ${this.options.maxContext} tokens; shorten the prompt or ` +
+          `lower max tokens`,
+      );
+    }
+    if (this.isLive(request.id)) {
+      throw new InvalidRequestError(`request id ${request.id} is already in use`);
+    }
+    const state = new RequestState(request, now);
+    this.waiting.push(state);
+    return state;
+  }
+
+  get numWaiting(): number {
+    return this.waiting.length;
+  }
+
+  get numRunning(): number {
+    return this.running.length;
+  }
+
+  hasWork(): boolean {
+    return this.waiting.length > 0 || this.running.length > 0;
+  }
+
+  /** The next step, or null when nothing can run until an in-flight step returns. */
+  schedule(): ScheduledStep | null {
+    const id = this.nextStepId;
+    const { maxTokensPerStep, maxSeqsPerStep } = this.options;
+    const entries: StepEntry[] = [];
+    const copies: BlockCopy[] = [];
+    let budget = maxTokensPerStep;
+    const inStep = new Set<RequestState>();
+
+    const tryAdd = (req: RequestState): void => {
+      if (entries.length >= maxSeqsPerStep || budget === 0 || inStep.has(req)) return;
+      const work = this.nextChunk(req, id, budget);
+      if (!work) return;
+      if (!this.reserveSlots(req, work.start + work.count, inStep, copies)) return;
+      entries.push({ request: req, admission: this.admissions.get(req)!, ...work });
+      inStep.add(req);
+      budget -= work.count;
+      req.numScheduled = work.start + work.count;
+      if (work.sample) {
+        req.pendingSamples++;
+        req.lastSampleStep = id;
+      }
+    };
+
+    const needsOneToken = (req: RequestState) => req.length - req.numScheduled === 1;
+    for (const req of [...this.running]) if (needsOneToken(req)) tryAdd(req);
+    for (const req of [...this.running]) if (!needsOneToken(req)) tryAdd(req);
+    while (this.waiting.length > 0 && entries.length < maxSeqsPerStep && budget > 0) {
+      const req = this.waiting[0];
+      if (!this.admit(req)) break;
+      this.waiting.shift();
+      tryAdd(req);
+    }
+    if (entries.length === 0) return null;
+    this.nextStepId++;
+    const plan: StepPlan = {
+      copies,
+      sequences: entries.map(({ request, start, count, sample }) => {
+        const known = request.knownTokens;
+        return {
+          seqId: request.id,
+          tokens: Array.from({ length: count }, (_, i) => known[start + i] ?? FEEDBACK_TOKEN),
+          startPosition: start,
+          blockTable: this.options.blockManager.blockTable(request.id),
+          sample,
+          sampling: request.request.sampling,
+        };
+      }),
+    };
+    return { id, plan, entries };
+  }
+
+  /**
+   * Accounts a finished step: commits computed tokens to the block manager, takes the
+   * samples, and frees finished requests. Steps must be updated in the order scheduled.
+   * Returns the requests that finished.
+   */
+  update(step: ScheduledStep, result: StepResult, now: number): RequestState[] {
+    const finished: RequestState[] = [];
+    const bm = this.options.blockManager;
+    step.entries.forEach((entry, i) => {
+      const req = entry.request;
+      if (req.finished || this.admissions.get(req) !== entry.admission) return;
+      // Every token of the entry is known now: an earlier step's sample was accepted first.
+      bm.commitTokens(req.id, req.knownTokens.slice(entry.start, entry.start + entry.count));
+      if (entry.sample && req.acceptSample(result.sampled[i], now)) {
+        bm.free(req.id);
+        this.running.splice(this.running.indexOf(req), 1);
+        this.admissions.delete(req);
+        finished.push(req);
+      }
+    });
+    return finished;
+  }
+
+  /** The next tokens of X the request can compute in step `stepId`, or null. */
+  private nextChunk(
+    req: RequestState,
+    stepId: number,
+    budget: number,
+  ): { start: number; count: number; sample: boolean } | null {
+    const start = req.numScheduled;
+    const end = req.length;
+    if (start >= end) return null;
+    const knownEnd = req.request.prompt.length + req.output.length;
+    if (start >= knownEnd) {
+      // The input is the token sampled by the previous step, still on the GPU.
+      if (req.lastSampleStep !== stepId - 1) return null;
+      return { start, count: 1, sample: req.samplesIssued < req.request.maxTokens };
+    }
+    const count = Math.min(budget, knownEnd - start);
+    const reachesEnd = start + count === end;
+    return { start, count, sample: reachesEnd && req.samplesIssued < req.request.maxTokens };
+  }
+
+  /**
+   * Makes sure KV slots exist for X[0 .. end), preempting the most recently admitted
+   * request outside this step if the pool is full. False if it cannot be done now.
+   */
+  private reserveSlots(
+    req: RequestState,
+    end: number,
+    inStep: ReadonlySet<RequestState>,
+    copies: BlockCopy[],
+  ): boolean {
+    const bm = this.options.blockManager;
+    const missing = end - req.reservedSlots;
+    if (missing <= 0) return true;
+    for (;;) {
+      const appended = bm.appendSlots(req.id, missing);
+      if (appended) {
+        copies.push(...appended.copies);
+        req.reservedSlots = end;
+        return true;
+      }
+      const victim = this.running.findLast((r) => r !== req && !inStep.has(r) && r.pendingSamples === 0);
+      if (!victim) return false;
+      this.preempt(victim);
+    }
+  }
+
+  /** Allocates KV blocks for a waiting request (prefix hit included); false if the pool is full. */
+  private admit(req: RequestState): boolean {
+    const tokens = req.knownTokens;
+    const allocation = this.options.blockManager.allocate(req.id, tokens);
+    if (!allocation) return false;
+    req.numScheduled = allocation.numCached;
+    req.reservedSlots = tokens.length;
+    req.prefixHitTokens += allocation.numCached;
+    this.running.push(req);
+    this.admissions.set(req, this.admissionCounter++);
+    return true;
+  }
+
+  /** Drops a request's K/V; it waits at the head of the queue to be recomputed. */
+  private preempt(req: RequestState): void {
+    this.options.blockManager.free(req.id);
+    this.running.splice(this.running.indexOf(req), 1);
+    this.admissions.delete(req);
+    req.numScheduled = 0;
+    req.reservedSlots = 0;
+    req.preemptions++;
+    this.waiting.unshift(req);
+  }
+
+  /** Drops every request and frees its blocks (after a failed step). */
+  abortAll(): void {
+    for (const req of this.running) this.options.blockManager.free(req.id);
+    this.running.length = 0;
+    this.waiting.length = 0;
+    this.admissions.clear();
+  }
+
+  private isLive(id: number): boolean {
+    return this.waiting.some((r) => r.id === id) || this.running.some((r) => r.id === id);
+  }
+}
