@@ -41,6 +41,11 @@ export interface SequenceWork {
   blockTable: number[];
   /** Sample a next token from the logits of the last token of this chunk. */
   sample: boolean;
+  /**
+   * Accumulate the attention mass each of the sequence's KV slots receives (for H2O KV
+   * pruning; costs about one more attention pass). Off by default.
+   */
+  trackMass?: boolean;
   sampling: SamplingParams;
 }
 
@@ -48,6 +53,17 @@ export interface SequenceWork {
 export interface BlockCopy {
   src: number;
   dst: number;
+}
+
+/**
+ * A KV edit run on its own before later steps: block copies, then moves of single KV slots
+ * (physical slot = block * blockSize + offset) in every layer's K and V and in the attention
+ * mass, each move reading the slot contents from before any move (used to compact a pruned
+ * sequence's kept entries).
+ */
+export interface KvEdit {
+  copies: BlockCopy[];
+  moves: [src: number, dst: number][];
 }
 
 export interface StepPlan {

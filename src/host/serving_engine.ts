@@ -12,10 +12,14 @@ import { BlockManager } from "../scheduler/block_manager.ts";
 import { BatchScheduler } from "../scheduler/batch_scheduler.ts";
 import { EngineLoop, type EngineLoopOptions } from "../scheduler/engine_loop.ts";
 import type { RequestOutput } from "../scheduler/request.ts";
+import type { PruningPolicy } from "../scheduler/kv_pruning.ts";
 
 export interface ServingOptions extends RunnerOptions, EngineLoopOptions {
   /** Share KV blocks between requests with a common prefix (default on). */
   prefixCaching?: boolean;
+  /** KV entries a request keeps before pruning (default 0: never prune, exact). */
+  kvBudget?: number;
+  pruning?: PruningPolicy;
 }
 
 export interface SubmitOptions {
@@ -24,6 +28,8 @@ export interface SubmitOptions {
   /** Default: the model's EOS ids. */
   eosIds?: readonly number[];
   onToken?: (id: number) => void;
+  /** KV budget of this request (default: the engine's). */
+  kvBudget?: number;
 }
 
 export class ServingEngine {
@@ -54,6 +60,8 @@ export class ServingEngine {
       maxTokensPerStep: capacity.maxTokens,
       maxSeqsPerStep: capacity.maxSeqs,
       maxContext: capacity.maxBlocksPerSeq * capacity.blockSize,
+      kvBudget: options.kvBudget,
+      pruning: options.pruning,
     });
     const loop = new EngineLoop(runner, scheduler, options);
     const eosIds = source.generationConfig?.eosTokenIds ?? source.config.eosTokenIds;
@@ -69,6 +77,7 @@ export class ServingEngine {
       sampling: options.sampling,
       eosIds: options.eosIds ?? this.eosIds,
       onToken: options.onToken,
+      kvBudget: options.kvBudget,
     });
   }
 

@@ -21,6 +21,8 @@ import { FEEDBACK_TOKEN } from "../engine/step.ts";
 import { InvalidRequestError } from "../engine/errors.ts";
 import type { BlockManager } from "./block_manager.ts";
 import { type GenerationRequest, RequestState } from "./request.ts";
+import { DEFAULT_PRUNING, meanAttentionMass, type PruningPolicy, selectKeptSlots } from "./kv_pruning.ts";
+import type { KvEdit } from "../engine/step.ts";
 
 export interface BatchSchedulerOptions {
   blockManager: BlockManager;
@@ -30,6 +32,9 @@ export interface BatchSchedulerOptions {
   maxSeqsPerStep: number;
   /** Longest sequence (prompt + generated) the engine accepts. */
   maxContext: number;
+  /** KV entries a request keeps before it is pruned (0 = no pruning, the default). */
+  kvBudget?: number;
+  pruning?: PruningPolicy;
 }
 
 /** One plan entry and what the scheduler needs to account for it when its result arrives. */
@@ -71,6 +76,14 @@ export class BatchScheduler {
         `request ${request.id}: prompt (${prompt.length} tokens) + max tokens (${maxTokens}) ` +
           `exceeds the context of ${this.options.maxContext} tokens; shorten the prompt or ` +
           `lower max tokens`,
+      );
+    }
+    const budget = request.kvBudget ?? this.options.kvBudget ?? 0;
+    const policy = this.options.pruning ?? DEFAULT_PRUNING;
+    if (budget !== 0 && (!Number.isInteger(budget) || budget < policy.sinks + policy.window + this.options.blockManager.blockSize)) {
+      throw new InvalidRequestError(
+        `request ${request.id}: a KV budget of ${budget} tokens is below sinks (${policy.sinks}) + ` +
+          `window (${policy.window}) + one block (${this.options.blockManager.blockSize}); raise it or use 0 (no pruning)`,
       );
     }
     if (this.isLive(request.id)) {
@@ -136,6 +149,8 @@ export class BatchScheduler {
           seqId: request.id,
           tokens: Array.from({ length: count }, (_, i) => known[start + i] ?? FEEDBACK_TOKEN),
           startPosition: start,
+          startSlot: start - request.evicted,
+          trackMass: this.budgetOf(request) > 0,
           blockTable: this.options.blockManager.blockTable(request.id),
           sample,
           sampling: request.request.sampling,
@@ -199,13 +214,13 @@ export class BatchScheduler {
     copies: BlockCopy[],
   ): boolean {
     const bm = this.options.blockManager;
-    const missing = end - req.reservedSlots;
+    const missing = end - req.evicted - req.reservedSlots;
     if (missing <= 0) return true;
     for (;;) {
       const appended = bm.appendSlots(req.id, missing);
       if (appended) {
         copies.push(...appended.copies);
-        req.reservedSlots = end;
+        req.reservedSlots = end - req.evicted;
         return true;
       }
       const victim = this.running.findLast((r) => r !== req && !inStep.has(r) && r.pendingSamples === 0);
@@ -234,8 +249,52 @@ export class BatchScheduler {
     this.admissions.delete(req);
     req.numScheduled = 0;
     req.reservedSlots = 0;
+    req.evicted = 0;
+    req.keptPositions = [];
     req.preemptions++;
     this.waiting.unshift(req);
+  }
+
+  /**
+   * Running requests whose KV reached their budget: prune them (after every step in flight
+   * has been accounted) before scheduling more.
+   */
+  pruneCandidates(): RequestState[] {
+    return this.running.filter((req) => {
+      const budget = this.budgetOf(req);
+      return budget > 0 && req.numScheduled - req.evicted >= budget && req.numScheduled < req.length;
+    });
+  }
+
+  /**
+   * Prunes a request to one block under its budget, keeping slots by the policy and the
+   * attention mass of each physical slot (`mass`). Returns the KV edit the engine must apply
+   * before the next step, or null if the pool cannot spare the copies it needs now.
+   */
+  prune(req: RequestState, mass: Float32Array): KvEdit | null {
+    const bm = this.options.blockManager;
+    const B = bm.blockSize;
+    const slots = req.numScheduled - req.evicted;
+    const table = bm.blockTable(req.id);
+    // Position of the token in a slot: slots past the last pruning hold consecutive positions.
+    const kept = req.keptPositions;
+    const position = (slot: number) => (slot < kept.length ? kept[slot] : slot + req.evicted);
+    const keep = selectKeptSlots(
+      slots,
+      this.budgetOf(req) - B,
+      this.options.pruning ?? DEFAULT_PRUNING,
+      (slot) => meanAttentionMass(mass[table[Math.floor(slot / B)] * B + (slot % B)], req.numScheduled - position(slot)),
+    );
+    const edit = bm.prune(req.id, keep);
+    if (!edit) return null;
+    req.keptPositions = keep.map(position);
+    req.evicted += slots - keep.length;
+    req.reservedSlots = keep.length;
+    return { copies: edit.copies, moves: edit.moves };
+  }
+
+  private budgetOf(req: RequestState): number {
+    return req.request.kvBudget ?? this.options.kvBudget ?? 0;
   }
 
   /** Drops every request and frees its blocks (after a failed step). */

@@ -82,6 +82,21 @@ interface Sequence {
   numSlots: number;
   /** Trie node of the last full committed block; the root when none or prefix caching is off. */
   lastNode: TrieNode;
+  /**
+   * KV entries were evicted (pruning): slots no longer match positions, so the sequence's
+   * later blocks never enter the trie; its path covers only the blocks before the first edit.
+   */
+  pruned: boolean;
+}
+
+/** What the engine must do to compact a pruned sequence: see BlockManager.prune. */
+export interface PruneEdit {
+  /** Copies of shared or cached blocks the compaction writes into (done first). */
+  copies: BlockCopy[];
+  /** (source, destination) physical slots (block * blockSize + offset), original contents. */
+  moves: [number, number][];
+  /** Blocks the sequence gave back. */
+  releasedBlocks: number;
 }
 
 export class BlockManager {
@@ -154,6 +169,7 @@ export class BlockManager {
       committed: prompt.slice(0, numCached),
       numSlots: prompt.length,
       lastNode,
+      pruned: false,
     });
     this.prefixHitTokens += numCached;
     this.promptTokens += prompt.length;
@@ -211,7 +227,7 @@ export class BlockManager {
           `${seq.numSlots} reserved slots; call appendSlots first`,
       );
     }
-    for (let i = 0; i < tokens.length && start + i < seq.prompt.length; i++) {
+    for (let i = 0; i < tokens.length && start + i < seq.prompt.length && !seq.pruned; i++) {
       if (tokens[i] !== seq.prompt[start + i]) {
         throw new BlockManagerUsageError(
           `sequence ${seqId}: committed token ${tokens[i]} at position ${start + i} differs ` +
@@ -221,7 +237,60 @@ export class BlockManager {
     }
     this.clock++;
     seq.committed.push(...tokens);
-    if (this.enablePrefixCaching) this.insertFullBlocks(seq);
+    if (this.enablePrefixCaching && !seq.pruned) this.insertFullBlocks(seq);
+  }
+
+  /**
+   * Evict KV entries of a sequence: keep only the slots in `keep` (ascending, each below its
+   * slot count), compacted to slots 0 .. keep.length-1 in that order. Blocks the compaction
+   * writes into that other sequences share or the trie caches are copied first; blocks past
+   * the new end are released. Every appended slot must be committed (no step in flight for
+   * it). Null (nothing changed) when the copies need more blocks than are available.
+   */
+  prune(seqId: number, keep: readonly number[]): PruneEdit | null {
+    const seq = this.sequence(seqId);
+    if (seq.committed.length !== seq.numSlots) {
+      throw new BlockManagerUsageError(
+        `prune: sequence ${seqId} has ${seq.numSlots - seq.committed.length} uncommitted slots`,
+      );
+    }
+    keep.forEach((slot, i) => {
+      if (!Number.isInteger(slot) || slot < 0 || slot >= seq.numSlots || (i > 0 && slot <= keep[i - 1])) {
+        throw new BlockManagerUsageError(
+          `prune: sequence ${seqId}: keep must list ascending slots below ${seq.numSlots}`,
+        );
+      }
+    });
+    const B = this.blockSize;
+    let firstMoved = keep.findIndex((slot, i) => slot !== i);
+    if (firstMoved < 0) firstMoved = keep.length;
+    const newBlocks = this.blocksFor(keep.length);
+    const written: number[] = [];
+    for (let b = Math.floor(firstMoved / B); b < newBlocks; b++) {
+      const block = seq.blockTable[b];
+      if (this.refCounts[block] > 1 || this.trie.nodeOf(block)) written.push(b);
+    }
+    if (!this.canFree(written.length)) return null;
+    this.clock++;
+    const copies: BlockCopy[] = [];
+    for (const b of written) {
+      const src = seq.blockTable[b];
+      const [dst] = this.takeBlocks(1);
+      copies.push({ src, dst });
+      seq.blockTable[b] = dst;
+      this.release(src);
+    }
+    const physical = (slot: number) => seq.blockTable[Math.floor(slot / B)] * B + (slot % B);
+    const moves: [number, number][] = [];
+    for (let i = firstMoved; i < keep.length; i++) moves.push([physical(keep[i]), physical(i)]);
+    const released = seq.blockTable.splice(newBlocks);
+    for (const block of released) this.release(block);
+    seq.committed = keep.map((slot) => seq.committed[slot]);
+    seq.numSlots = keep.length;
+    seq.pruned = true;
+    // The trie path keeps only whole blocks before the first moved slot (unchanged, still cached).
+    while (seq.lastNode.depth > Math.floor(firstMoved / B)) seq.lastNode = seq.lastNode.parent!;
+    return { copies, moves, releasedBlocks: released.length };
   }
 
   /** The child shares every block of the parent (parallel sampling); later writes copy on write. */
@@ -244,6 +313,7 @@ export class BlockManager {
       committed: [...parent.committed],
       numSlots: parent.numSlots,
       lastNode: parent.lastNode,
+      pruned: parent.pruned,
     });
   }
 
@@ -374,14 +444,17 @@ export class BlockManager {
     if (problems.length > 0) throw new KvIntegrityError(`KV block manager: ${problems.join("; ")}`);
   }
 
-  /** A sequence's trie path must be exactly its full committed blocks, in order, with their tokens. */
+  /**
+   * A sequence's trie path must be exactly its full committed blocks, in order, with their
+   * tokens (for a pruned sequence: a prefix of them).
+   */
   private pathProblems(where: string, seq: Sequence): string[] {
     if (!this.enablePrefixCaching) {
       return seq.lastNode === this.trie.root ? [] : [`${where}: has a trie path with caching off`];
     }
     const problems: string[] = [];
     const fullBlocks = Math.floor(seq.committed.length / this.blockSize);
-    if (seq.lastNode.depth !== fullBlocks) {
+    if (seq.pruned ? seq.lastNode.depth > fullBlocks : seq.lastNode.depth !== fullBlocks) {
       problems.push(
         `${where}: trie path depth ${seq.lastNode.depth}, ${fullBlocks} full committed blocks`,
       );

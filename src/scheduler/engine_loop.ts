@@ -6,13 +6,17 @@
  * The executor is any StepExecutor (the engine's ModelRunner); this file imports
  * no WebGPU.
  */
-import type { StepPlan, StepResult } from "../engine/step.ts";
+import type { KvEdit, StepPlan, StepResult } from "../engine/step.ts";
 import type { BatchScheduler, ScheduledStep } from "./batch_scheduler.ts";
 import type { GenerationRequest, RequestOutput } from "./request.ts";
 import type { RequestState } from "./request.ts";
 
 export interface StepExecutor {
   execute(plan: StepPlan): Promise<StepResult>;
+  /** Attention mass of every physical KV slot (for pruning), after all submitted steps. */
+  readMass(): Promise<Float32Array>;
+  /** Applies a KV edit before any later step. */
+  applyKvEdit(edit: KvEdit): Promise<void>;
 }
 
 export interface EngineLoopOptions {
@@ -56,12 +60,37 @@ export class EngineLoop {
     return result;
   }
 
+  private async finish(done: { step: ScheduledStep; result: Promise<StepResult> }): Promise<void> {
+    const result = await done.result;
+    const now = performance.now();
+    for (const req of this.scheduler.update(done.step, result, now)) {
+      this.pending.get(req)?.resolve(req.result(now));
+      this.pending.delete(req);
+    }
+    this.options.onStep?.(done.step, result);
+  }
+
+  private async prune(): Promise<void> {
+    const candidates = this.scheduler.pruneCandidates();
+    if (candidates.length === 0) return;
+    const mass = await this.executor.readMass();
+    for (const req of candidates) {
+      const edit = this.scheduler.prune(req, mass);
+      if (edit) await this.executor.applyKvEdit(edit);
+    }
+  }
+
   private async run(): Promise<void> {
     const inFlight: { step: ScheduledStep; result: Promise<StepResult> }[] = [];
     // Start after the current task, so requests submitted together share the first step.
     await Promise.resolve();
     try {
       for (;;) {
+        if (this.scheduler.pruneCandidates().length > 0) {
+          // Pruning reads the mass of every computed slot: account every step in flight first.
+          while (inFlight.length > 0) await this.finish(inFlight.shift()!);
+          await this.prune();
+        }
         const step = this.scheduler.schedule();
         if (step) inFlight.push({ step, result: this.executor.execute(step.plan) });
         if (inFlight.length === 0) {
@@ -69,14 +98,7 @@ export class EngineLoop {
           throw new Error("scheduler has requests but scheduled nothing with no step in flight");
         }
         if (step && inFlight.length < this.depth) continue;
-        const done = inFlight.shift()!;
-        const result = await done.result;
-        const now = performance.now();
-        for (const req of this.scheduler.update(done.step, result, now)) {
-          this.pending.get(req)?.resolve(req.result(now));
-          this.pending.delete(req);
-        }
-        this.options.onStep?.(done.step, result);
+        await this.finish(inFlight.shift()!);
       }
     } catch (error) {
       // A failed step leaves the KV state unknown: fail every request and start afresh.

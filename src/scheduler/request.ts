@@ -16,6 +16,8 @@ export interface GenerationRequest {
   eosIds: readonly number[];
   /** Called on the CPU as each generated token becomes known. */
   onToken?: (id: number) => void;
+  /** KV entries kept for this request before pruning (0: never prune; default: the engine's). */
+  kvBudget?: number;
 }
 
 export type StopReason = "eos" | "length";
@@ -32,6 +34,8 @@ export interface RequestOutput {
   totalMs: number;
   /** Prompt tokens whose K/V came from the prefix cache. */
   prefixHitTokens: number;
+  /** KV entries evicted by pruning. */
+  evictedTokens: number;
   /** Times the request was preempted (its K/V dropped and recomputed later). */
   preemptions: number;
 }
@@ -44,8 +48,12 @@ export class RequestState {
    * Reset to 0 (then the prefix hit) when the request is preempted.
    */
   numScheduled = 0;
-  /** KV slots the block manager holds for the request (X[0 .. reservedSlots)). */
+  /** KV slots the block manager holds for the request. */
   reservedSlots = 0;
+  /** KV entries evicted by pruning: token X[i]'s K/V sit at slot i - evicted (once computed). */
+  evicted = 0;
+  /** Positions of the tokens in slots 0 .. keptPositions.length-1 after the last pruning. */
+  keptPositions: number[] = [];
   /** Samples submitted to the GPU whose token is not known yet. */
   pendingSamples = 0;
   /** The id of the last step that sampled for this request (FEEDBACK_TOKEN needs the previous step). */
@@ -119,6 +127,7 @@ export class RequestState {
       tokenTimesMs: [...this.tokenTimesMs],
       totalMs: now - this.submittedAt,
       prefixHitTokens: this.prefixHitTokens,
+      evictedTokens: this.evicted,
       preemptions: this.preemptions,
     };
   }

@@ -1,8 +1,8 @@
 /** Benchmark output: the printed table, the JSON file, and the ratio to a recorded baseline. */
 import type { ModelBenchResult } from "./model_bench.ts";
 
-const RESULTS_DIR = new URL("../../../bench/results/", import.meta.url).pathname;
-const BASELINES_DIR = new URL("../../../bench/baselines/", import.meta.url).pathname;
+export const RESULTS_DIR = new URL("../../../bench/results/", import.meta.url).pathname;
+export const BASELINES_DIR = new URL("../../../bench/baselines/", import.meta.url).pathname;
 
 export interface BaselineComparison {
   file: string;
@@ -39,6 +39,12 @@ export async function writeResult(r: ModelBenchResult): Promise<string> {
 
 const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(1);
 
+/** On a software adapter the GPU is the CPU: the host's load says how contended the run was. */
+export function loadLine(load: number[]): string {
+  return `host load average ${load.map((l) => l.toFixed(2)).join(" ")} (1/5/15 min) ` +
+    `on ${navigator.hardwareConcurrency} CPUs: other work slows a software GPU`;
+}
+
 export function printModelBench(r: ModelBenchResult, baseline: BaselineComparison | null): void {
   const lines = [
     `== ${r.name} (${r.weightDtype} weights) on ${r.backend}: ${r.adapter}${r.software ? " [software]" : ""}`,
@@ -52,6 +58,7 @@ export function printModelBench(r: ModelBenchResult, baseline: BaselineCompariso
     `GPU memory: weights ${mib(r.memory.weightBytes)} MiB, KV ${mib(r.memory.kvBytes)} MiB ` +
       `(${r.memory.kvBytesPerToken} B/token), activations ${mib(r.memory.activationBytes)} MiB, ` +
       `peak ${mib(r.peakGpuBytes)} MiB`,
+    ...(r.software && r.hostLoadAverage ? [loadLine(r.hostLoadAverage)] : []),
     "",
     "phase    kernel               ms/step      GB/s   GFLOP/s",
   ];

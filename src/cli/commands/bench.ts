@@ -13,13 +13,22 @@ import type { ModelSource } from "../../engine/model/source.ts";
 import { InvalidRequestError } from "../../engine/errors.ts";
 import { runModelBench, type ModelBenchResult } from "../bench/model_bench.ts";
 import { printModelBench, writeResult, compareWithBaseline } from "../bench/report.ts";
+import { BATCH_DEFAULTS, batchBenchCommand, describeBatchDefaults } from "../bench/batch_command.ts";
 
 export const BENCH_HELP = `mace bench [--model DIR|FILE] [--preset smollm2-135m|qwen2.5-0.5b|all]
     [--prompt-tokens N] [--gen-tokens N] [--weights f32|f16] [--backend auto|wgpu|dawn] [--json]
   Without --model: random-weight models of real shapes (default all presets); prompt/generation
-  default to 512/128 on a hardware GPU and 32/8 on a software one. With --model: 128/128.`;
+  default to 512/128 on a hardware GPU and 32/8 on a software one. With --model: 128/128.
+mace bench --batch [--preset NAME (default smollm2-135m) | --model DIR] [--layers N]
+    [--batch-sizes 1,4,16,64] [--prompt-tokens N] [--gen-tokens N] [--prefix-tokens N]
+    [--requests N] [--weights f32|f16] [--backend ...] [--json]
+  Serving-path throughput: decode tokens/s at each number of concurrent sequences, KV bytes per
+  token, and a shared-system-prompt workload with prefix sharing on and off. --layers cuts a
+  preset's depth (real widths). Defaults:
+    hardware GPU: ${describeBatchDefaults(BATCH_DEFAULTS.hardware)}
+    software GPU: ${describeBatchDefaults(BATCH_DEFAULTS.software)}`;
 
-const PRESETS: Record<string, typeof SMOLLM2_135M> = {
+export const PRESETS: Record<string, typeof SMOLLM2_135M> = {
   "smollm2-135m": SMOLLM2_135M,
   "qwen2.5-0.5b": QWEN25_05B,
 };
@@ -33,11 +42,31 @@ export async function benchCommand(argv: string[]): Promise<void> {
     weights: { type: "string", default: "f32" },
     backend: { type: "string", default: "auto" },
     json: { type: "boolean", default: false },
+    batch: { type: "boolean", default: false },
+    layers: { type: "string" },
+    "batch-sizes": { type: "string" },
+    "prefix-tokens": { type: "string" },
+    requests: { type: "string" },
   }, "bench");
+  const batchOnly = ["layers", "batch-sizes", "prefix-tokens", "requests"] as const;
+  if (!flags.batch) {
+    const misplaced = batchOnly.filter((f) => flags[f] !== undefined);
+    if (misplaced.length) {
+      throw new InvalidRequestError(`--${misplaced.join(", --")}: only with --batch`);
+    }
+  }
   if (flags.weights !== "f32" && flags.weights !== "f16") {
     throw new InvalidRequestError(`--weights ${flags.weights}: expected f32 or f16`);
   }
   const ctx = await createGpuContext({ backend: flags.backend as BackendName });
+  if (flags.batch) {
+    try {
+      await batchBenchCommand(ctx, flags, PRESETS);
+    } finally {
+      ctx.destroy();
+    }
+    return;
+  }
   const positive = (n: number) => Number.isInteger(n) && n >= 1;
   const sizes = (promptDefault: number, genDefault: number) => ({
     promptTokens: numberFlag(flags["prompt-tokens"], "prompt-tokens", promptDefault, positive),

@@ -28,6 +28,7 @@ import { MatMul } from "../kernels/matmul.ts";
 import { Embedding } from "../kernels/embedding.ts";
 import { SwiGlu } from "../kernels/swiglu.ts";
 import { AttentionDecode, AttentionPrefill } from "../kernels/attention.ts";
+import { AttentionMass } from "../kernels/attention_mass.ts";
 import { createInvFreqUniform, RopeKvWrite } from "../kernels/rope_kv_write.ts";
 import { FinalNorm } from "../kernels/final_norm.ts";
 import { Sampler } from "../kernels/sample.ts";
@@ -60,6 +61,10 @@ export interface Forward {
   kvCaches: readonly GPUBuffer[];
   /** Bytes of one block in one pool. */
   kvBlockBytes: number;
+  /** f32 [kvBlocks * blockSize]: accumulated attention mass of each physical KV slot. */
+  mass: GPUBuffer;
+  kCaches: readonly GPUBuffer[];
+  vCaches: readonly GPUBuffer[];
   dispatches: readonly ForwardDispatch[];
   /** Bytes of weights one step reads (every matrix once; the embedding only its gathered rows). */
   weightBytesPerStep(counts: StepCounts): number;
@@ -103,6 +108,8 @@ export function buildForward(inputs: ForwardInputs): Forward {
   const tokenIds = buffer(T, "token ids");
   const activationBytes = owned.reduce((sum, b) => sum + b.size, 0);
   const kvFloats = inputs.kvBlocks * Hkv * capacity.blockSize * hd;
+  // Attention mass per physical KV slot (H2O pruning), summed over layers and heads / (L * H).
+  const mass = buffer(inputs.kvBlocks * capacity.blockSize, "attention_mass");
   const kCaches = Array.from({ length: c.numLayers }, (_, l) => buffer(kvFloats, `k_cache.${l}`));
   const vCaches = Array.from({ length: c.numLayers }, (_, l) => buffer(kvFloats, `v_cache.${l}`));
 
@@ -183,6 +190,8 @@ export function buildForward(inputs: ForwardInputs): Forward {
   owned.push(invFreq);
   const prefill = new AttentionPrefill(ctx, attnShape);
   const decode = new AttentionDecode(ctx, attnShape);
+  const attentionMass = new AttentionMass(ctx, attnShape);
+  const massUniform = uniforms.slot((n) => [["u32", n.massChunks], ["f32", 1 / (H * c.numLayers)]]);
   const swiglu = new SwiGlu(ctx, I);
 
   weights.layers.forEach((w, l) => {
@@ -207,6 +216,13 @@ export function buildForward(inputs: ForwardInputs): Forward {
     );
     add("attention_prefill", (pass, n) => prefill.encode(pass, prefillGroup, n.tiles), (n) => attentionCost(n, false));
     add("attention_decode", (pass, n) => decode.encode(pass, decodeGroup, n.decodeTokens), (n) => attentionCost(n, true));
+    const massGroup = attentionMass.bind(
+      massUniform, q, step(layout.blockTables), kCaches[l], step(layout.massChunks), mass,
+    );
+    add("attention_mass", (pass, n) => attentionMass.encode(pass, massGroup, n.massChunks), (n) => ({
+      bytes: 0,
+      flops: 0,
+    }));
     linear(attn, w.o, null, hidden, true, "tokens");
     const postNorm = norm.bind(tokensUniform, hidden, w.postNorm, normed);
     add("rms_norm", (pass, n) => norm.encode(pass, postNorm, n.tokens), normCost);
@@ -246,6 +262,9 @@ export function buildForward(inputs: ForwardInputs): Forward {
     activationBytes,
     kvBytes: (kCaches.length + vCaches.length) * kvFloats * 4,
     kvCaches: [...kCaches, ...vCaches],
+    mass,
+    kCaches,
+    vCaches,
     kvBlockBytes: Hkv * capacity.blockSize * hd * 4,
     dispatches,
     weightBytesPerStep: (n) =>

@@ -9,12 +9,13 @@
  * can be pipelined (see execute).
  */
 import type { GpuContext } from "../gpu/context.ts";
-import { createStorage, readF32 } from "../gpu/buffers.ts";
+import { createStorage, createUniform, packUniform, readF32 } from "../gpu/buffers.ts";
 import type { ModelConfig } from "../model/config.ts";
 import type { ModelSource } from "../model/source.ts";
 import { type GpuWeights, uploadWeights, type WeightDtype } from "../model/gpu_weights.ts";
 import { GpuMemoryError, InvalidRequestError } from "../errors.ts";
-import { type BlockCopy, GREEDY, type StepPlan, type StepResult } from "../step.ts";
+import { type BlockCopy, GREEDY, type KvEdit, type StepPlan, type StepResult } from "../step.ts";
+import { KvCompact } from "../kernels/kv_compact.ts";
 import { packStep, type StepCapacity, type StepCounts, stepLayout, type StepLayout } from "./step_data.ts";
 import { UniformArena } from "./uniform_arena.ts";
 import { buildForward, type Forward } from "./forward.ts";
@@ -54,6 +55,8 @@ export class ModelRunner {
   private readonly freeReadbacks: GPUBuffer[] = [];
   /** seqId -> sample row, for the sequences that sampled in the last submitted step. */
   private previousSampleRows = new Map<number, number>();
+  /** KV slot moves for pruning; made on first use. */
+  private compactor: ReturnType<ModelRunner["createCompactor"]> | null = null;
   /** One block of every KV pool, for copy-on-write block copies; made on first use. */
   private blockStaging: GPUBuffer | null = null;
 
@@ -134,7 +137,7 @@ export class ModelRunner {
    * wgpu, whatever the work).
    */
   execute(plan: StepPlan): Promise<StepResult> {
-    const { counts, sampleOrder } = packStep(
+    const { counts, sampleOrder, newMassSlots } = packStep(
       plan, this.capacity, this.layout, this.config.vocabSize, this.stepBytes, this.previousSampleRows,
     );
     this.previousSampleRows = new Map(sampleOrder.map((planIndex, row) => [plan.sequences[planIndex].seqId, row]));
@@ -147,6 +150,10 @@ export class ModelRunner {
     this.lastCounts = counts;
     const encoder = device.createCommandEncoder();
     for (const copy of plan.copies ?? []) this.encodeBlockCopy(encoder, copy);
+    // A slot's mass starts from zero when its token is written (blocks are reused).
+    for (const [first, count] of contiguousRuns(newMassSlots)) {
+      encoder.clearBuffer(this.forward.mass, first * 4, count * 4);
+    }
     const pass = encoder.beginComputePass();
     this.forward.encode(pass, counts);
     pass.end();
@@ -180,6 +187,59 @@ export class ModelRunner {
     }
     this.ctx.throwIfFailed();
     return { sampled, gpuMs: performance.now() - start };
+  }
+
+  /** The attention mass of every physical KV slot (f32 [kvBlocks * blockSize]), after all submitted steps. */
+  readMass(): Promise<Float32Array> {
+    return readF32(this.ctx, this.forward.mass, this.kvBlocks * this.capacity.blockSize);
+  }
+
+  /**
+   * Submits a KV edit (block copies, then slot moves in every layer and in the attention mass);
+   * steps executed later see its result. Resolves when the GPU has done it.
+   */
+  async applyKvEdit(edit: KvEdit): Promise<void> {
+    const moves = edit.moves;
+    const encoder = this.ctx.device.createCommandEncoder();
+    for (const copy of edit.copies) this.encodeBlockCopy(encoder, copy);
+    const slots = this.kvBlocks * this.capacity.blockSize;
+    for (const [src, dst] of moves) {
+      if (![src, dst].every((x) => Number.isInteger(x) && x >= 0 && x < slots)) {
+        throw new InvalidRequestError(`KV move ${src} -> ${dst}: slot outside the pool of ${slots}`);
+      }
+    }
+    if (moves.length > 0) {
+      this.compactor ??= this.createCompactor();
+      const { kernel, params, movesBuffer } = this.compactor;
+      if (moves.length > kernel.maxMoves) {
+        throw new InvalidRequestError(`KV edit of ${moves.length} moves; at most ${kernel.maxMoves}`);
+      }
+      this.ctx.device.queue.writeBuffer(params, 0, packUniform([["u32", moves.length]]));
+      this.ctx.device.queue.writeBuffer(movesBuffer, 0, Uint32Array.from(moves.flat()));
+      const pass = encoder.beginComputePass();
+      for (const groups of this.compactor.groups) kernel.encode(pass, groups, moves.length);
+      pass.end();
+    }
+    this.ctx.device.queue.submit([encoder.finish()]);
+    await this.ctx.device.queue.onSubmittedWorkDone();
+    this.ctx.throwIfFailed();
+  }
+
+  /** KV compaction kernels for every layer and the mass, sized for one sequence's whole context. */
+  private createCompactor() {
+    const { blockSize, maxBlocksPerSeq } = this.capacity;
+    const maxMoves = maxBlocksPerSeq * blockSize;
+    const kernel = new KvCompact(this.ctx, {
+      numKvHeads: this.config.numKvHeads, headDim: this.config.headDim, blockSize,
+    }, { maxMoves });
+    const params = createUniform(this.ctx, packUniform([["u32", 0]]), "kv_compact params");
+    const movesBuffer = createStorage(this.ctx, maxMoves * 8, "kv_compact moves");
+    const { kCaches, vCaches, mass } = this.forward;
+    const groups = [
+      ...kCaches.map((k, l) => kernel.bind(params, movesBuffer, k, vCaches[l])),
+      kernel.bindMass(params, movesBuffer, mass),
+    ];
+    return { kernel, params, movesBuffer, groups };
   }
 
   /**
@@ -246,5 +306,21 @@ export class ModelRunner {
     this.stepBuffer.destroy();
     for (const buffer of this.readbacks) buffer.destroy();
     this.blockStaging?.destroy();
+    if (this.compactor) {
+      this.compactor.kernel.destroy();
+      this.compactor.params.destroy();
+      this.compactor.movesBuffer.destroy();
+    }
   }
+}
+
+/** [first, count] runs of consecutive values in ascending-within-run order. */
+function contiguousRuns(values: readonly number[]): [number, number][] {
+  const runs: [number, number][] = [];
+  for (const v of values) {
+    const last = runs.at(-1);
+    if (last && last[0] + last[1] === v) last[1]++;
+    else runs.push([v, 1]);
+  }
+  return runs;
 }

@@ -33,6 +33,7 @@ export interface StepLayout {
   decodeTokens: Region; // u32x2 [T]: (token, seq) pairs whose attention runs in the decode kernel
   tiles: Region; // u32x4 [maxTiles]: prefill attention tiles (seq, firstToken, count, 0)
   sampling: Region; // SamplingParams [S], 32 bytes each
+  massChunks: Region; // u32x4 [S]: (firstToken, numTokens, blockTableOffset, numKeys0) of trackMass sequences
   feedback: Region; // u32x2 [S]: (previous step's sample row, token index) of FEEDBACK_TOKEN inputs
   totalBytes: number;
 }
@@ -60,6 +61,7 @@ export function stepLayout(cap: StepCapacity): StepLayout {
     decodeTokens: region(T * 8),
     tiles: region(maxTiles(cap) * 16),
     sampling: region(S * SAMPLING_PARAMS_BYTES),
+    massChunks: region(S * 16),
     feedback: region(S * 8),
   };
   return { ...layout, totalBytes: offset };
@@ -72,6 +74,8 @@ export interface StepCounts {
   sampledSeqs: number;
   /** Input tokens copied on the GPU from the previous step's samples (FEEDBACK_TOKEN). */
   feedbackTokens: number;
+  /** Sequences whose attention mass is accumulated (trackMass). */
+  massChunks: number;
   decodeTokens: number;
   tiles: number;
   /** Sum over decode-kernel tokens of the keys each attends to (position + 1), for cost models. */
@@ -93,7 +97,7 @@ export function packStep(
   vocabSize: number,
   out: ArrayBuffer,
   previousSampleRows: ReadonlyMap<number, number> = new Map(),
-): { counts: StepCounts; sampleOrder: number[] } {
+): { counts: StepCounts; sampleOrder: number[]; newMassSlots: number[] } {
   const u32 = (r: Region) => new Uint32Array(out, r.offset, r.size / 4);
   const tokenIds = u32(layout.tokenIds), positions = u32(layout.positions);
   const slots = u32(layout.slots);
@@ -101,7 +105,10 @@ export function packStep(
   const blockTables = u32(layout.blockTables), logitRows = u32(layout.logitRows);
   const decodeTokens = u32(layout.decodeTokens), tiles = u32(layout.tiles);
   const feedback = u32(layout.feedback);
-  let feedbackTokens = 0;
+  const massChunks = u32(layout.massChunks);
+  let feedbackTokens = 0, numMassChunks = 0;
+  /** Physical KV slots (block * blockSize + offset) written this step by trackMass sequences. */
+  const newMassSlots: number[] = [];
   const samplingRows: SamplingOptions[] = [];
 
   if (plan.sequences.length > cap.maxSeqs) {
@@ -158,6 +165,12 @@ export function packStep(
       tokenSeq[t + i] = s;
     }
     chunks.push({ firstToken: t, numTokens: n });
+    if (seq.trackMass) {
+      massChunks.set([t, n, tableOffset, startSlot + 1], 4 * numMassChunks++);
+      for (let j = startSlot; j < contextLen; j++) {
+        newMassSlots.push(seq.blockTable[Math.floor(j / cap.blockSize)] * cap.blockSize + (j % cap.blockSize));
+      }
+    }
     if (n === 1) decodeAttended += contextLen;
     else prefillAttended += n * startSlot + (n * (n + 1)) / 2;
     if (seq.sample) {
@@ -179,11 +192,13 @@ export function packStep(
       seqs: plan.sequences.length,
       sampledSeqs: sampleOrder.length,
       feedbackTokens,
+      massChunks: numMassChunks,
       decodeTokens: attention.decodeTokens.length / 2,
       tiles: attention.tiles.length / 4,
       decodeAttended,
       prefillAttended,
     },
     sampleOrder,
+    newMassSlots,
   };
 }
