@@ -4,12 +4,14 @@ import { GENERATE_HELP, generateCommand } from "./commands/generate.ts";
 import { INFO_HELP, infoCommand } from "./commands/info.ts";
 import { CONVERT_HELP, convertCommand } from "./commands/convert.ts";
 import { BENCH_HELP, benchCommand } from "./commands/bench.ts";
+import { EVAL_PRUNING_HELP, evalPruningCommand } from "./commands/eval_pruning.ts";
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   generate: { run: generateCommand, help: GENERATE_HELP },
   convert: { run: convertCommand, help: CONVERT_HELP },
   bench: { run: benchCommand, help: BENCH_HELP },
   info: { run: infoCommand, help: INFO_HELP },
+  "eval-pruning": { run: evalPruningCommand, help: EVAL_PRUNING_HELP },
 };
 
 function usage(): string {

@@ -17,10 +17,11 @@ import { parsePromptsFile } from "../generate/prompts_file.ts";
 export const GENERATE_HELP = `mace generate [--model DIR|FILE] [--tokenizer FILE]
     [--prompt TEXT | --prompts FILE.jsonl] [--max-tokens N] [--temperature T] [--top-k K]
     [--top-p P] [--seed S] [--backend auto|wgpu|dawn] [--weights f32|f16] [--json]
-    [--max-seqs N] [--chunk-tokens N] [--no-prefix-cache] [--pipeline-depth N]
+    [--max-seqs N] [--chunk-tokens N] [--no-prefix-cache] [--pipeline-depth N] [--kv-budget N]
   Generates text; stops at EOS or --max-tokens. An empty prompt starts from BOS.
   --prompts runs every line ({"prompt", "max_tokens"?, "seed"?, "temperature"?, "top_k"?,
-  "top_p"?}) as one continuously batched workload and prints one JSON line per prompt.`;
+  "top_p"?}) as one continuously batched workload and prints one JSON line per prompt.
+  --kv-budget N prunes each request's KV cache to N tokens (H2O-style; default 0 = exact).`;
 
 export async function generateCommand(argv: string[]): Promise<void> {
   const flags = parseFlags(argv, {
@@ -40,6 +41,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     "chunk-tokens": { type: "string" },
     "no-prefix-cache": { type: "boolean", default: false },
     "pipeline-depth": { type: "string" },
+    "kv-budget": { type: "string" },
   }, "generate");
   const backend = flags.backend as BackendName;
   if (!["auto", "wgpu", "dawn"].includes(backend)) {
@@ -82,6 +84,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     maxTokens: numberFlag(flags["chunk-tokens"], "chunk-tokens", 256, positiveInt),
     prefixCaching: !flags["no-prefix-cache"],
     pipelineDepth: numberFlag(flags["pipeline-depth"], "pipeline-depth", 3, positiveInt),
+    kvBudget: numberFlag(flags["kv-budget"], "kv-budget", 0, (n) => Number.isInteger(n) && n >= 0),
   });
   try {
     if (flags.prompts === undefined) {
@@ -129,6 +132,7 @@ function outputJson(output: RequestOutput, tokenizer: Tokenizer) {
     tokenTimesMs: output.tokenTimesMs,
     decodeTokensPerSecond: output.tokenTimesMs.length / (decodeMs / 1000),
     prefixHitTokens: output.prefixHitTokens,
+    evictedTokens: output.evictedTokens,
     loraAdapter: null,
   };
 }
