@@ -491,3 +491,46 @@ for (
     }
   });
 }
+
+Deno.test("block manager: prune compacts kept slots, copies shared blocks first, releases the tail", () => {
+  const bm = checked({ numBlocks: 10 });
+  // Sequence 1: 12 committed tokens in blocks [0, 1, 2]; all three enter the trie.
+  bm.allocate(1, range(100, 12));
+  bm.commitTokens(1, range(100, 12));
+  // Sequence 2 shares the first two blocks (a prefix hit of 8 tokens).
+  assert.deepEqual(bm.allocate(2, [...range(100, 8), 500, 501]), { numCached: 8, blockTable: [0, 1, 3] });
+  bm.commitTokens(2, [500, 501]);
+  // Keep slots 0, 1 (sinks), 6 (a heavy hitter), 10, 11 (window): slots 2, 3, 4 are written.
+  const edit = bm.prune(1, [0, 1, 6, 10, 11]);
+  // Blocks 0 and 1 are written and shared with sequence 2: copied to the lowest free, 4 and 5.
+  // Moves read through the new table [4, 5, 2]: slot 6 = 5*4+2, slot 10 = 2*4+2, slot 11 =
+  // 2*4+3, to slots 2, 3, 4 = 4*4+2, 4*4+3, 5*4+0. Block 2 (past the end) is released and
+  // stays cached in the trie, its contents untouched.
+  assert.deepEqual(edit, {
+    copies: [{ src: 0, dst: 4 }, { src: 1, dst: 5 }],
+    moves: [[22, 18], [10, 19], [11, 20]],
+    releasedBlocks: 1,
+  });
+  assert.deepEqual(bm.blockTable(1), [4, 5]);
+  assert.deepEqual(refs(bm, [0, 1, 2, 3, 4, 5]), [1, 1, 0, 1, 1, 1]);
+  assert.deepEqual(counts(bm), { free: 4, used: 5, cached: 1 });
+  // The pruned sequence keeps growing (5 slots + 4) but adds nothing to the trie.
+  assert.deepEqual(bm.appendSlots(1, 4), { copies: [] });
+  bm.commitTokens(1, range(900, 4));
+  assert.deepEqual(bm.blockTable(1), [4, 5, 6]);
+  bm.free(1);
+  assert.deepEqual(counts(bm), { free: 6, used: 3, cached: 1 });
+});
+
+Deno.test("block manager: prune of an unshared sequence moves in place; bad calls are usage errors", () => {
+  const bm = checked({ enablePrefixCaching: false });
+  bm.allocate(1, range(100, 7));
+  assert.throws(() => bm.prune(1, [0, 1]), BlockManagerUsageError, "uncommitted slots");
+  bm.commitTokens(1, range(100, 7));
+  assert.throws(() => bm.prune(1, [0, 3, 2]), BlockManagerUsageError, "not ascending");
+  assert.throws(() => bm.prune(1, [0, 7]), BlockManagerUsageError, "slot past the end");
+  // Keep 0, 1, 5, 6: no copies, slots 5, 6 move to 2, 3 in block 0; block 1 is freed.
+  assert.deepEqual(bm.prune(1, [0, 1, 5, 6]), { copies: [], moves: [[5, 2], [6, 3]], releasedBlocks: 1 });
+  assert.deepEqual(bm.blockTable(1), [0]);
+  assert.deepEqual(counts(bm), { free: 7, used: 1, cached: 0 });
+});
