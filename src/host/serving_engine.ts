@@ -63,7 +63,10 @@ export class ServingEngine {
       kvBudget: options.kvBudget,
       pruning: options.pruning,
     });
-    const loop = new EngineLoop(runner, scheduler, options);
+    const loop = new EngineLoop(runner, scheduler, {
+      ...options,
+      pipelineDepth: options.pipelineDepth ?? defaultPipelineDepth(ctx),
+    });
     const eosIds = source.generationConfig?.eosTokenIds ?? source.config.eosTokenIds;
     return new ServingEngine(runner, blockManager, loop, eosIds);
   }
@@ -84,4 +87,15 @@ export class ServingEngine {
   destroy(): void {
     this.runner.destroy();
   }
+}
+
+/**
+ * Steps in flight by default. Deno's wgpu resolves GPU readbacks on a ~11 ms poll, so three
+ * steps in flight keep the GPU busy. Dawn's Node bindings instead spin the JS thread on
+ * setImmediate while anything is pending; on a CPU-emulated adapter (SwiftShader) that spin
+ * takes a core from the emulated GPU, so there one step at a time is faster.
+ */
+function defaultPipelineDepth(ctx: GpuContext): number {
+  if (ctx.backend === "dawn") return ctx.isSoftware ? 1 : 2;
+  return 3;
 }

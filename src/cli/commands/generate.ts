@@ -83,7 +83,9 @@ export async function generateCommand(argv: string[]): Promise<void> {
     maxContext: Math.min(source.config.maxPositionEmbeddings, longest),
     maxTokens: numberFlag(flags["chunk-tokens"], "chunk-tokens", 256, positiveInt),
     prefixCaching: !flags["no-prefix-cache"],
-    pipelineDepth: numberFlag(flags["pipeline-depth"], "pipeline-depth", 3, positiveInt),
+    pipelineDepth: flags["pipeline-depth"] === undefined
+      ? undefined
+      : numberFlag(flags["pipeline-depth"], "pipeline-depth", 1, positiveInt),
     kvBudget: numberFlag(flags["kv-budget"], "kv-budget", 0, (n) => Number.isInteger(n) && n >= 0),
   });
   try {
