@@ -191,7 +191,8 @@ export class BatchScheduler {
   ): { start: number; count: number; sample: boolean } | null {
     const start = req.numScheduled;
     const end = req.length;
-    if (start >= end) return null;
+    // Once every sample is issued, the remaining tokens' K/V would never be read.
+    if (start >= end || req.samplesIssued >= req.request.maxTokens) return null;
     const knownEnd = req.request.prompt.length + req.output.length;
     if (start >= knownEnd) {
       // The input is the token sampled by the previous step, still on the GPU.

@@ -24,6 +24,7 @@ interface BatchDefaults {
   genTokens: number;
   prefixTokens: number;
   requests: number;
+  rounds: number;
 }
 
 /**
@@ -33,16 +34,29 @@ interface BatchDefaults {
  */
 export const BATCH_DEFAULTS: { hardware: BatchDefaults; software: BatchDefaults } = {
   hardware: {
-    layers: null, batchSizes: [1, 4, 16, 64], promptTokens: 8, genTokens: 128, prefixTokens: 256, requests: 32,
+    layers: null,
+    batchSizes: [1, 4, 16, 64],
+    promptTokens: 8,
+    genTokens: 128,
+    prefixTokens: 256,
+    requests: 32,
+    rounds: 2,
   },
   software: {
-    layers: 2, batchSizes: [1, 4, 16, 64], promptTokens: 8, genTokens: 8, prefixTokens: 64, requests: 8,
+    layers: 2,
+    batchSizes: [1, 4, 16, 64],
+    promptTokens: 8,
+    genTokens: 8,
+    prefixTokens: 64,
+    requests: 8,
+    rounds: 2,
   },
 };
 
 export function describeBatchDefaults(d: BatchDefaults): string {
   return `${d.layers === null ? "all" : d.layers} layers, batch sizes ${d.batchSizes.join(",")}, ` +
-    `prompt ${d.promptTokens}, gen ${d.genTokens}, prefix ${d.prefixTokens}, ${d.requests} requests`;
+    `prompt ${d.promptTokens}, gen ${d.genTokens}, prefix ${d.prefixTokens}, ` +
+    `${d.requests} requests, ${d.rounds} rounds`;
 }
 
 type Flags = Record<string, string | boolean | undefined>;
@@ -71,30 +85,58 @@ export async function batchBenchCommand(
   const defaults = ctx.isSoftware ? BATCH_DEFAULTS.software : BATCH_DEFAULTS.hardware;
   let name: string, source: ModelSource;
   if (flags.model) {
-    if (flags.layers !== undefined) throw new InvalidRequestError("--layers applies to --preset models only");
+    if (flags.layers !== undefined) {
+      throw new InvalidRequestError("--layers applies to --preset models only");
+    }
     const path = String(flags.model);
     name = path.replace(/\/+$/, "").split("/").pop()!;
     source = await openModel(path);
   } else {
-    name = flags.preset === undefined || flags.preset === "all" ? "smollm2-135m" : String(flags.preset);
+    name = flags.preset === undefined || flags.preset === "all"
+      ? "smollm2-135m"
+      : String(flags.preset);
     const spec = presets[name];
-    if (!spec) throw new InvalidRequestError(`--preset ${name}: expected one of ${Object.keys(presets).join(", ")}`);
+    if (!spec) {
+      throw new InvalidRequestError(
+        `--preset ${name}: expected one of ${Object.keys(presets).join(", ")}`,
+      );
+    }
     const layers = numberFlag(flags.layers, "layers", defaults.layers ?? spec.numLayers, positive);
     // Same widths, fewer layers: per-layer costs and the batch scaling stay those of the model.
     source = randomModelSource({ ...spec, numLayers: Math.min(layers, spec.numLayers) });
   }
   const options = {
     batchSizes: batchSizesFlag(flags["batch-sizes"], defaults.batchSizes),
-    promptTokens: numberFlag(flags["prompt-tokens"], "prompt-tokens", defaults.promptTokens, positive),
-    genTokens: numberFlag(flags["gen-tokens"], "gen-tokens", defaults.genTokens, (n) => positive(n) && n >= 2),
-    prefixTokens: numberFlag(flags["prefix-tokens"], "prefix-tokens", defaults.prefixTokens, positive),
-    requests: numberFlag(flags.requests, "requests", defaults.requests, (n) => positive(n) && n >= 2),
+    promptTokens: numberFlag(
+      flags["prompt-tokens"],
+      "prompt-tokens",
+      defaults.promptTokens,
+      positive,
+    ),
+    genTokens: numberFlag(
+      flags["gen-tokens"],
+      "gen-tokens",
+      defaults.genTokens,
+      (n) => positive(n) && n >= 2,
+    ),
+    prefixTokens: numberFlag(
+      flags["prefix-tokens"],
+      "prefix-tokens",
+      defaults.prefixTokens,
+      positive,
+    ),
+    requests: numberFlag(
+      flags.requests,
+      "requests",
+      defaults.requests,
+      (n) => positive(n) && n >= 2,
+    ),
+    rounds: numberFlag(flags.rounds, "rounds", defaults.rounds, positive),
     weightDtype: flags.weights as "f32" | "f16",
   };
+  const used = describeBatchDefaults({ ...options, layers: source.config.numLayers });
   console.error(
-    `bench --batch: ${name}, ${source.config.numLayers} layers, batch sizes ` +
-      `${options.batchSizes.join(",")}, prompt ${options.promptTokens}, gen ${options.genTokens}, ` +
-      `prefix ${options.prefixTokens}, ${options.requests} requests ` +
+    `bench --batch: ${name}, ${used} ` +
       `(${ctx.isSoftware ? "software" : "hardware"} defaults where no flag is given)`,
   );
   const result = await runBatchBench(ctx, name, source, options, (line) => console.error(line));

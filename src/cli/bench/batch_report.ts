@@ -60,15 +60,18 @@ export function batchGrowthWarning(r: BatchBenchResult): string | null {
   return `WARNING: decode throughput does not grow with batch size (tokens/s ${rates.join(", ")})`;
 }
 
-export function printBatchBench(r: BatchBenchResult, baseline: BatchBaselineComparison | null): void {
+export function printBatchBench(
+  r: BatchBenchResult,
+  baseline: BatchBaselineComparison | null,
+): void {
   const s = r.sizes;
   const lines = [
     `== batch: ${r.name} (${r.weightDtype} weights, ${r.layers} layers) on ${r.backend}: ` +
-      `${r.adapter}${r.software ? " [software]" : ""}`,
+    `${r.adapter}${r.software ? " [software]" : ""}`,
     ...(r.software ? [loadLine(r.hostLoadAverage)] : []),
     "",
     `decode: ${s.promptTokens}-token prompt + ${s.genTokens} generated tokens per request, ` +
-      `all requests at once`,
+    `all requests at once; fastest of ${s.rounds ?? 1} rounds`,
     "  batch   tokens/s  vs batch 1   ms/step  prefill steps" + (baseline ? "  vs baseline" : ""),
   ];
   for (const run of r.decode.runs) {
@@ -90,21 +93,22 @@ export function printBatchBench(r: BatchBenchResult, baseline: BatchBaselineComp
     "",
     `shared prefix: ${s.prefixTokens}-token prefix + ${s.suffixTokens} distinct tokens, ` +
       `${s.requests} requests (1, then ${s.requests - 1} after its first token), ` +
-      `${s.genTokens} generated each`,
+      `${s.genTokens} generated each; fastest of ${s.rounds ?? 1} rounds`,
     "                                 sharing on  sharing off    off/on",
   );
-  const row = (label: string, on: number, off: number, digits = 0) =>
+  const row = (label: string, on: number, off: number, digits = 0, ratio = true) => {
+    const cells = `${on.toFixed(digits).padStart(10)} ${off.toFixed(digits).padStart(12)}`;
     lines.push(
-      `  ${label.padEnd(30)} ${on.toFixed(digits).padStart(10)} ${off.toFixed(digits).padStart(12)} ` +
-        `${(on > 0 ? x(off / on) : "-").padStart(9)}`,
+      `  ${label.padEnd(30)} ${cells} ${(ratio && on > 0 ? x(off / on) : "-").padStart(9)}`,
     );
+  };
   const { on, off } = r.prefix;
   row("prefill ms (all first tokens)", on.prefillMs, off.prefillMs);
   row("  of which after request 0", on.restPrefillMs, off.restPrefillMs);
   row("peak KV blocks in use", on.peakUsedBlocks, off.peakUsedBlocks);
   row("peak KV MiB in use", on.peakUsedKvBytes / 2 ** 20, off.peakUsedKvBytes / 2 ** 20, 2);
   row("prefill tokens computed", on.prefillTokensComputed, off.prefillTokensComputed);
-  row("prefix-cache hit tokens", on.prefixHitTokens, off.prefixHitTokens);
+  row("prefix-cache hit tokens", on.prefixHitTokens, off.prefixHitTokens, 0, false);
   if (baseline) {
     lines.push(
       `shared-prefix prefill vs baseline: sharing on ${x(baseline.prefixPrefillSpeedRatio.on)}, ` +

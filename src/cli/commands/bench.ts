@@ -21,10 +21,10 @@ export const BENCH_HELP = `mace bench [--model DIR|FILE] [--preset smollm2-135m|
   default to 512/128 on a hardware GPU and 32/8 on a software one. With --model: 128/128.
 mace bench --batch [--preset NAME (default smollm2-135m) | --model DIR] [--layers N]
     [--batch-sizes 1,4,16,64] [--prompt-tokens N] [--gen-tokens N] [--prefix-tokens N]
-    [--requests N] [--weights f32|f16] [--backend ...] [--json]
+    [--requests N] [--rounds N] [--weights f32|f16] [--backend ...] [--json]
   Serving-path throughput: decode tokens/s at each number of concurrent sequences, KV bytes per
   token, and a shared-system-prompt workload with prefix sharing on and off. --layers cuts a
-  preset's depth (real widths). Defaults:
+  preset's depth (real widths); each figure is the fastest of --rounds interleaved runs. Defaults:
     hardware GPU: ${describeBatchDefaults(BATCH_DEFAULTS.hardware)}
     software GPU: ${describeBatchDefaults(BATCH_DEFAULTS.software)}`;
 
@@ -47,8 +47,9 @@ export async function benchCommand(argv: string[]): Promise<void> {
     "batch-sizes": { type: "string" },
     "prefix-tokens": { type: "string" },
     requests: { type: "string" },
+    rounds: { type: "string" },
   }, "bench");
-  const batchOnly = ["layers", "batch-sizes", "prefix-tokens", "requests"] as const;
+  const batchOnly = ["layers", "batch-sizes", "prefix-tokens", "requests", "rounds"] as const;
   if (!flags.batch) {
     const misplaced = batchOnly.filter((f) => flags[f] !== undefined);
     if (misplaced.length) {
@@ -85,7 +86,7 @@ export async function benchCommand(argv: string[]): Promise<void> {
         throw new InvalidRequestError(`--preset ${name}: expected one of ${Object.keys(PRESETS).join(", ")}, all`);
       }
       const [p, g] = ctx.isSoftware ? [32, 8] : [512, 128];
-      jobs.push({ name, source: async () => randomModelSource(spec), ...sizes(p, g) });
+      jobs.push({ name, source: () => Promise.resolve(randomModelSource(spec)), ...sizes(p, g) });
     }
   }
 

@@ -171,7 +171,8 @@ export function buildForward(inputs: ForwardInputs): Forward {
       const biasSlice = bias ? { buffer: bias, offset: chunk.rowStart * 4, size: chunk.rows * 4 } : null;
       const group = mm.bind(params, x, chunk.buffer, biasSlice, y);
       add(rows === "tokens" ? "matmul" : "lm_head", (pass, n) => mm.encode(pass, group, n[rows]), (n) => ({
-        bytes: chunk.rows * m.cols * wordBytes(m.dtype) + n[rows] * (m.cols + chunk.rows) * 4,
+        // The weights are read only when the dispatch has rows to compute.
+        bytes: (n[rows] > 0 ? chunk.rows * m.cols * wordBytes(m.dtype) : 0) + n[rows] * (m.cols + chunk.rows) * 4,
         flops: 2 * n[rows] * chunk.rows * m.cols,
       }));
     }
