@@ -3,7 +3,7 @@
 // Shapes: x [rows, K] f32; W [N, K] f32, or f16 packed two per u32 along K as
 // [N, ceil(K/2)] u32 (WEIGHT_F16); bias [N] f32 (read only when HAS_BIAS); y [rows, OUT_STRIDE] f32.
 // W is bound as u32 words in both cases (f32 weights are bitcast).
-// A thread owns 4 consecutive columns and R rows (R = 1 or 4), so each loaded
+// A thread owns 4 consecutive columns and R rows (R = 1, 4 or 8), so each loaded
 // weight pair serves R rows and each loaded x pair serves 4 columns: loads, not
 // arithmetic, are what this kernel pays for. TK threads split K for each group of
 // 4 columns (reading consecutive pairs of W's rows, coalesced) and reduce through
@@ -18,7 +18,7 @@ override OUT_OFFSET: u32;
 override HAS_BIAS: bool;
 override ACCUMULATE: bool;
 override WEIGHT_F16: bool;
-override R: u32; // rows per workgroup: 1 or 4
+override R: u32; // rows per workgroup: 1, 4 or 8
 override TK: u32; // threads per column group: a power of two <= WG
 
 struct Params {
@@ -125,10 +125,18 @@ fn main(
   let r1 = min(row0 + 1u, rows - 1u);
   let r2 = min(row0 + 2u, rows - 1u);
   let r3 = min(row0 + 3u, rows - 1u);
+  let r4 = min(row0 + 4u, rows - 1u);
+  let r5 = min(row0 + 5u, rows - 1u);
+  let r6 = min(row0 + 6u, rows - 1u);
+  let r7 = min(row0 + 7u, rows - 1u);
   var acc0 = vec4f(0.0);
   var acc1 = vec4f(0.0);
   var acc2 = vec4f(0.0);
   var acc3 = vec4f(0.0);
+  var acc4 = vec4f(0.0);
+  var acc5 = vec4f(0.0);
+  var acc6 = vec4f(0.0);
+  var acc7 = vec4f(0.0);
   for (var p = t; p < K / 2u; p += TK) {
     let w0 = weightPair(c0, p);
     let w1 = weightPair(c1, p);
@@ -140,6 +148,12 @@ fn main(
       acc2 += dot4(w0, w1, w2, w3, xPair(r2, p));
       acc3 += dot4(w0, w1, w2, w3, xPair(r3, p));
     }
+    if (R > 4u) {
+      acc4 += dot4(w0, w1, w2, w3, xPair(r4, p));
+      acc5 += dot4(w0, w1, w2, w3, xPair(r5, p));
+      acc6 += dot4(w0, w1, w2, w3, xPair(r6, p));
+      acc7 += dot4(w0, w1, w2, w3, xPair(r7, p));
+    }
   }
   if (K % 2u == 1u && t == 0u) {
     let wl = vec4f(weightLast(c0), weightLast(c1), weightLast(c2), weightLast(c3));
@@ -149,6 +163,12 @@ fn main(
       acc2 += wl * x[r2 * K + K - 1u];
       acc3 += wl * x[r3 * K + K - 1u];
     }
+    if (R > 4u) {
+      acc4 += wl * x[r4 * K + K - 1u];
+      acc5 += wl * x[r5 * K + K - 1u];
+      acc6 += wl * x[r6 * K + K - 1u];
+      acc7 += wl * x[r7 * K + K - 1u];
+    }
   }
   if (TK == 1u) {
     store(row0, n0, acc0);
@@ -157,6 +177,12 @@ fn main(
       store(row0 + 2u, n0, acc2);
       store(row0 + 3u, n0, acc3);
     }
+    if (R > 4u) {
+      store(row0 + 4u, n0, acc4);
+      store(row0 + 5u, n0, acc5);
+      store(row0 + 6u, n0, acc6);
+      store(row0 + 7u, n0, acc7);
+    }
     return;
   }
   reduceRow(lid, colBase, row0, acc0);
@@ -164,5 +190,11 @@ fn main(
     reduceRow(lid, colBase, row0 + 1u, acc1);
     reduceRow(lid, colBase, row0 + 2u, acc2);
     reduceRow(lid, colBase, row0 + 3u, acc3);
+  }
+  if (R > 4u) {
+    reduceRow(lid, colBase, row0 + 4u, acc4);
+    reduceRow(lid, colBase, row0 + 5u, acc5);
+    reduceRow(lid, colBase, row0 + 6u, acc6);
+    reduceRow(lid, colBase, row0 + 7u, acc7);
   }
 }

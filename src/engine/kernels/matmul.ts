@@ -42,8 +42,13 @@ export function matvecMaxRows(ctx: GpuContext): number {
 const TILE = 64;
 /** matvec.wgsl WG: threads per workgroup, 4 columns each, TK threads per column group. */
 const MATVEC_THREADS = 64;
-/** Rows per matvec workgroup: a 1-row variant for single decodes, a 4-row one for batches. */
+/**
+ * Rows per matvec workgroup: a 1-row variant for single decodes, 4 rows for small batches and 8
+ * for larger ones (each weight load serves more rows: on lavapipe a 16-sequence decode step went
+ * from the 4-row variant's throughput, no better than 4 sequences, to more; see bench --batch).
+ */
 const MATVEC_ROW_BLOCK = 4;
+const MATVEC_WIDE_ROW_BLOCK = 8;
 /** Pairs along K each matvec thread keeps at least, however many threads share a column. */
 const MATVEC_MIN_PAIRS = 8;
 
@@ -67,9 +72,10 @@ function matvecThreadsPerColumn(K: number, N: number, minWorkgroups: number): nu
 }
 
 export class MatMul {
-  /** matvec kernels: one row per workgroup, and MATVEC_ROW_BLOCK rows per workgroup. */
+  /** matvec kernels: 1, MATVEC_ROW_BLOCK and MATVEC_WIDE_ROW_BLOCK rows per workgroup. */
   private readonly matvecSingle: Kernel;
   private readonly matvecBlock: Kernel;
+  private readonly matvecWide: Kernel;
   private readonly matmul: Kernel;
   private readonly matvecGrid: [number, number];
   private readonly maxMatvecRows: number;
@@ -103,6 +109,7 @@ export class MatMul {
       });
     this.matvecSingle = matvec(1);
     this.matvecBlock = matvec(MATVEC_ROW_BLOCK);
+    this.matvecWide = matvec(MATVEC_WIDE_ROW_BLOCK);
     this.matmul = Kernel.get(ctx, {
       name: "matmul",
       code: matmulCode,
@@ -139,8 +146,10 @@ export class MatMul {
     const [gx, gy] = this.matvecGrid;
     if (rows === 1) {
       this.matvecSingle.dispatch(pass, group, gx, gy);
+    } else if (rows <= MATVEC_ROW_BLOCK) {
+      this.matvecBlock.dispatch(pass, group, gx, gy, 1);
     } else if (rows <= this.maxMatvecRows) {
-      this.matvecBlock.dispatch(pass, group, gx, gy, Math.ceil(rows / MATVEC_ROW_BLOCK));
+      this.matvecWide.dispatch(pass, group, gx, gy, Math.ceil(rows / MATVEC_WIDE_ROW_BLOCK));
     } else {
       const N = this.options.outFeatures;
       this.matmul.dispatch(pass, group, Math.ceil(N / TILE), Math.ceil(rows / TILE));

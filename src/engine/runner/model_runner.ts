@@ -16,6 +16,7 @@ import { type GpuWeights, uploadWeights, type WeightDtype } from "../model/gpu_w
 import { GpuMemoryError, InvalidRequestError } from "../errors.ts";
 import { type BlockCopy, GREEDY, type KvEdit, type StepPlan, type StepResult } from "../step.ts";
 import { KvCompact } from "../kernels/kv_compact.ts";
+import { ReadbackPacer } from "../gpu/readback_pacer.ts";
 import { packStep, type StepCapacity, type StepCounts, stepLayout, type StepLayout } from "./step_data.ts";
 import { UniformArena } from "./uniform_arena.ts";
 import { buildForward, type Forward } from "./forward.ts";
@@ -55,6 +56,8 @@ export class ModelRunner {
   private readonly freeReadbacks: GPUBuffer[] = [];
   /** seqId -> sample row, for the sequences that sampled in the last submitted step. */
   private previousSampleRows = new Map<number, number>();
+  /** Sleeps through most of each step before awaiting it on Dawn with a CPU-emulated adapter. */
+  private readonly pacer: ReadbackPacer;
   /** KV slot moves for pruning; made on first use. */
   private compactor: ReturnType<ModelRunner["createCompactor"]> | null = null;
   /** One block of every KV pool, for copy-on-write block copies; made on first use. */
@@ -74,6 +77,7 @@ export class ModelRunner {
     readonly memory: MemoryReport,
   ) {
     this.stepBytes = new ArrayBuffer(layout.totalBytes);
+    this.pacer = new ReadbackPacer(ctx.backend === "dawn" && ctx.isSoftware);
   }
 
   static async create(ctx: GpuContext, source: ModelSource, options: RunnerOptions = {}) {
@@ -162,7 +166,7 @@ export class ModelRunner {
     if (bytes > 0) encoder.copyBufferToBuffer(this.forward.sampled, 0, readback, 0, bytes);
     const start = performance.now();
     device.queue.submit([encoder.finish()]);
-    return this.collect(plan, sampleOrder, readback, bytes, start);
+    return this.collect(plan, sampleOrder, readback, bytes, start, counts.tokens);
   }
 
   private async collect(
@@ -171,9 +175,11 @@ export class ModelRunner {
     readback: GPUBuffer,
     bytes: number,
     start: number,
+    tokens: number,
   ): Promise<StepResult> {
     const sampled = new Array<number>(plan.sequences.length).fill(-1);
     try {
+      await this.pacer.beforeWait(tokens, start);
       if (bytes > 0) {
         await readback.mapAsync(GPUMapMode.READ, 0, bytes);
         const ids = new Uint32Array(readback.getMappedRange(0, bytes));
@@ -186,7 +192,9 @@ export class ModelRunner {
       this.freeReadbacks.push(readback);
     }
     this.ctx.throwIfFailed();
-    return { sampled, gpuMs: performance.now() - start };
+    const gpuMs = performance.now() - start;
+    this.pacer.record(tokens, gpuMs);
+    return { sampled, gpuMs };
   }
 
   /** The attention mass of every physical KV slot (f32 [kvBlocks * blockSize]), after all submitted steps. */

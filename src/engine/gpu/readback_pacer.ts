@@ -1,0 +1,41 @@
+/**
+ * Dawn's Node bindings (the `webgpu` package) resolve GPU promises by spinning the JS thread on
+ * setImmediate while any is pending. On a CPU-emulated adapter (SwiftShader) that spin takes a
+ * core from the emulated GPU: on 2 cores a 16-sequence batching workload ran 6x slower than
+ * when the wait was a timer. So on such adapters the runner first sleeps for most of the step's
+ * expected time, then awaits (spinning only for the rest).
+ *
+ * The expectation is learned per step size (a power-of-two bucket of the step's token count):
+ * an exponential average of measured step times, slept at SLEEP_FRACTION of it. Oversleeping
+ * corrects itself: a step that finished early is measured at the sleep length, so the average
+ * shrinks by that fraction each step.
+ */
+const SLEEP_FRACTION = 0.8;
+const SMOOTHING = 0.3;
+
+export class ReadbackPacer {
+  private readonly expectedMs = new Map<number, number>();
+
+  constructor(readonly enabled: boolean) {}
+
+  /** Sleeps for most of the expected time of a step of `tokens` tokens submitted at `submittedAt`. */
+  async beforeWait(tokens: number, submittedAt: number): Promise<void> {
+    if (!this.enabled) return;
+    const expected = this.expectedMs.get(bucket(tokens));
+    if (expected === undefined) return;
+    const remaining = SLEEP_FRACTION * expected - (performance.now() - submittedAt);
+    if (remaining >= 1) await new Promise((resolve) => setTimeout(resolve, remaining));
+  }
+
+  /** Records the measured submit-to-result time of a step of `tokens` tokens. */
+  record(tokens: number, ms: number): void {
+    if (!this.enabled) return;
+    const key = bucket(tokens);
+    const old = this.expectedMs.get(key);
+    this.expectedMs.set(key, old === undefined ? ms : old + SMOOTHING * (ms - old));
+  }
+}
+
+function bucket(tokens: number): number {
+  return Math.ceil(Math.log2(Math.max(1, tokens)));
+}
