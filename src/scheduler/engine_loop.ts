@@ -33,7 +33,11 @@ interface Pending {
 
 export class EngineLoop {
   private readonly pending = new Map<RequestState, Pending>();
-  private running: Promise<void> | null = null;
+  /**
+   * True while run() is looping. Cleared by run() in the same synchronous step in which it finds
+   * no work, so a request submitted by a callback of the last finished request starts a new loop.
+   */
+  private active = false;
   private readonly depth: number;
 
   constructor(
@@ -55,8 +59,11 @@ export class EngineLoop {
     const result = new Promise<RequestOutput>((resolve, reject) => {
       this.pending.set(state, { resolve, reject });
     });
-    // run() reports failures through the requests' promises.
-    this.running ??= this.run().catch(() => {}).finally(() => (this.running = null));
+    if (!this.active) {
+      this.active = true;
+      // run() reports failures through the requests' promises.
+      this.run().catch(() => {});
+    }
     return result;
   }
 
@@ -94,7 +101,10 @@ export class EngineLoop {
         const step = this.scheduler.schedule();
         if (step) inFlight.push({ step, result: this.executor.execute(step.plan) });
         if (inFlight.length === 0) {
-          if (!this.scheduler.hasWork()) return;
+          if (!this.scheduler.hasWork()) {
+            this.active = false;
+            return;
+          }
           throw new Error("scheduler has requests but scheduled nothing with no step in flight");
         }
         if (step && inFlight.length < this.depth) continue;
@@ -106,6 +116,7 @@ export class EngineLoop {
       this.scheduler.abortAll();
       for (const { reject } of this.pending.values()) reject(error);
       this.pending.clear();
+      this.active = false;
     }
   }
 }
