@@ -144,10 +144,10 @@ export class BatchScheduler {
     const plan: StepPlan = {
       copies,
       sequences: entries.map(({ request, start, count, sample }) => {
-        const known = request.knownTokens;
+        const known = request.knownSlice(start, start + count);
         return {
           seqId: request.id,
-          tokens: Array.from({ length: count }, (_, i) => known[start + i] ?? FEEDBACK_TOKEN),
+          tokens: Array.from({ length: count }, (_, i) => known[i] ?? FEEDBACK_TOKEN),
           startPosition: start,
           startSlot: start - request.evicted,
           trackMass: this.budgetOf(request) > 0,
@@ -172,7 +172,7 @@ export class BatchScheduler {
       const req = entry.request;
       if (req.finished || this.admissions.get(req) !== entry.admission) return;
       // Every token of the entry is known now: an earlier step's sample was accepted first.
-      bm.commitTokens(req.id, req.knownTokens.slice(entry.start, entry.start + entry.count));
+      bm.commitTokens(req.id, req.knownSlice(entry.start, entry.start + entry.count));
       if (entry.sample && req.acceptSample(result.sampled[i], now)) {
         bm.free(req.id);
         this.running.splice(this.running.indexOf(req), 1);

@@ -81,6 +81,18 @@ export class RequestState {
     return [...this.request.prompt, ...this.output];
   }
 
+  /**
+   * Known tokens X[start .. end) without copying the whole sequence (once per step on the hot
+   * path); positions not known yet (samples in flight) are left out.
+   */
+  knownSlice(start: number, end: number): number[] {
+    const prompt = this.request.prompt;
+    const P = prompt.length;
+    if (end <= P) return prompt.slice(start, end);
+    const fromOutput = this.output.slice(Math.max(0, start - P), end - P);
+    return start >= P ? fromOutput : [...prompt.slice(start), ...fromOutput];
+  }
+
   /** Prompt tokens plus tokens generated or in flight. */
   get length(): number {
     return this.request.prompt.length + this.output.length + this.pendingSamples;

@@ -33,7 +33,8 @@ const MAX_PACK = 8;
  *  to make loads cheap, few enough registers for a real GPU. */
 const REUSE_VEC4 = 8;
 
-function attentionConstants(kernel: string, shape: AttentionShape) {
+/** Validated override constants shared by the attention-shaped kernels (H, HKV, HD, BS, SCALE). */
+export function attentionConstants(kernel: string, shape: AttentionShape) {
   const { numHeads, numKvHeads, headDim, blockSize } = shape;
   if (headDim % 4 !== 0 || headDim <= 0 || headDim > MAX_HEAD_DIM) {
     throw new ModelFormatError(

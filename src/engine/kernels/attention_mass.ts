@@ -10,12 +10,10 @@ import code from "../../shaders/attention_mass.wgsl" with { type: "text" };
 import { packUniform } from "../gpu/buffers.ts";
 import type { GpuContext } from "../gpu/context.ts";
 import { type BindingResource, Kernel } from "../gpu/kernel.ts";
-import { InvalidRequestError, ModelFormatError } from "../errors.ts";
-import type { AttentionShape } from "./attention.ts";
+import { InvalidRequestError } from "../errors.ts";
+import { attentionConstants, type AttentionShape } from "./attention.ts";
 import { workgroupGrid } from "./grid.ts";
 
-/** Largest head dim: a thread keeps PACK * hd/4 <= 32 vec4s of query (MAX_STATE). */
-const MAX_HEAD_DIM = 128;
 /** MAX_PACK and STAGE in attention_mass.wgsl. */
 const MAX_PACK = 8;
 const STAGE = 128;
@@ -50,23 +48,7 @@ export class AttentionMass {
    * SIMD group, on CPU-emulated adapters, where barriers are costly; else 32).
    */
   constructor(ctx: GpuContext, readonly shape: AttentionShape, options: { threads?: number } = {}) {
-    const { numHeads, numKvHeads, headDim, blockSize } = shape;
-    if (headDim % 4 !== 0 || headDim <= 0 || headDim > MAX_HEAD_DIM) {
-      throw new ModelFormatError(
-        "config.json",
-        `head_dim ${headDim} is not supported by attention_mass ` +
-          `(needs a multiple of 4, at most ${MAX_HEAD_DIM})`,
-      );
-    }
-    if (numKvHeads <= 0 || numHeads % numKvHeads !== 0) {
-      throw new ModelFormatError(
-        "config.json",
-        `num_attention_heads ${numHeads} is not a multiple of num_key_value_heads ${numKvHeads}`,
-      );
-    }
-    if (!Number.isInteger(blockSize) || blockSize <= 0) {
-      throw new InvalidRequestError(`KV block size ${blockSize} must be a positive integer`);
-    }
+    const constants = attentionConstants("attention_mass", shape);
     const threads = options.threads ?? (ctx.isSoftware ? 8 : 32);
     if (!Number.isInteger(threads) || threads < 1 || threads > 64) {
       throw new InvalidRequestError(
@@ -79,11 +61,7 @@ export class AttentionMass {
       code,
       bindings: ["uniform", "read", "read", "read", "read", "storage"],
       constants: {
-        H: numHeads,
-        HKV: numKvHeads,
-        HD: headDim,
-        BS: blockSize,
-        SCALE: Math.fround(1 / Math.sqrt(headDim)),
+        ...constants,
         PACK: massHeadsPerPass(shape, threads),
         WG: threads,
       },
