@@ -221,7 +221,7 @@ export function buildForward(inputs: ForwardInputs): Forward {
       massUniform, q, step(layout.blockTables), kCaches[l], step(layout.massChunks), mass,
     );
     // Cost not modelled (step counts do not sum the keys of KV-budget sequences): the per-kernel
-    // table lists it only when it runs, and the benchmarks run without KV budgets.
+    // table leaves it out, and the benchmarks run without KV budgets, where it never dispatches.
     add("attention_mass", (pass, n) => attentionMass.encode(pass, massGroup, n.massChunks), () => ({
       bytes: 0,
       flops: 0,
