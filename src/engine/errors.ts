@@ -39,3 +39,42 @@ export class GpuError extends MaceError {
 export class GpuMemoryError extends MaceError {
   override readonly code = "gpu_memory";
 }
+
+/** A preference dataset file is missing or unreadable as a whole (bad records are skipped, not thrown). */
+export class DatasetFormatError extends MaceError {
+  override readonly code = "dataset_format";
+  constructor(readonly file: string, readonly detail: string) {
+    super(`${file}: ${detail}`);
+  }
+}
+
+/** A LoRA adapter folder (PEFT adapter_config.json + adapter_model.safetensors) is malformed or unsupported. */
+export class AdapterFormatError extends MaceError {
+  override readonly code = "adapter_format";
+  constructor(readonly file: string, readonly detail: string, readonly tensor?: string) {
+    super(`${file}${tensor ? ` [tensor ${tensor}]` : ""}: ${detail}`);
+  }
+}
+
+/**
+ * A LoRA adapter does not fit the engine's adapter pool (rank above the pool's, a target the
+ * pool does not hold, tensors of the wrong shape) or the engine was built without a pool.
+ */
+export class LoraAdapterError extends MaceError {
+  override readonly code = "lora_adapter";
+}
+
+/** Every slot of the adapter pool holds an adapter in use: unload one or build a larger pool. */
+export class AdapterPoolFullError extends MaceError {
+  override readonly code = "adapter_pool_full";
+}
+
+/** A request or call named an adapter the engine does not hold. */
+export class UnknownAdapterError extends MaceError {
+  override readonly code = "unknown_adapter";
+  constructor(readonly adapter: string, readonly known: readonly string[]) {
+    super(
+      `unknown adapter "${adapter}"; known: ${known.length > 0 ? known.join(", ") : "none (publish or load one first)"}`,
+    );
+  }
+}
