@@ -47,6 +47,11 @@ export interface SequenceWork {
    */
   trackMass?: boolean;
   sampling: SamplingParams;
+  /**
+   * The LoRA adapter the sequence runs on (an id loaded into the runner, e.g. "name@2");
+   * absent: the base model. One step may mix adapters.
+   */
+  adapterId?: string;
 }
 
 /** Copy every layer's K and V of KV block `src` into block `dst` (copy-on-write). */

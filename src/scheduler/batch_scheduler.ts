@@ -154,6 +154,7 @@ export class BatchScheduler {
           blockTable: this.options.blockManager.blockTable(request.id),
           sample,
           sampling: request.request.sampling,
+          adapterId: request.request.adapterId,
         };
       }),
     };
@@ -233,7 +234,7 @@ export class BatchScheduler {
   /** Allocates KV blocks for a waiting request (prefix hit included); false if the pool is full. */
   private admit(req: RequestState): boolean {
     const tokens = req.knownTokens;
-    const allocation = this.options.blockManager.allocate(req.id, tokens);
+    const allocation = this.options.blockManager.allocate(req.id, tokens, req.request.adapterId);
     if (!allocation) return false;
     req.numScheduled = allocation.numCached;
     req.reservedSlots = tokens.length;

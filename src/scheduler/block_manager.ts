@@ -82,6 +82,8 @@ interface Sequence {
   numSlots: number;
   /** Trie node of the last full committed block; the root when none or prefix caching is off. */
   lastNode: TrieNode;
+  /** The LoRA adapter whose K/V the blocks hold (undefined: the base model): its own trie namespace. */
+  adapterId: string | undefined;
   /**
    * KV entries were evicted (pruning): slots no longer match positions, so the sequence's
    * later blocks never enter the trie; its path covers only the blocks before the first edit.
@@ -131,8 +133,10 @@ export class BlockManager {
    * Reserve blocks for a new sequence's prompt, sharing the cached blocks of its
    * longest cached prefix. At least the last prompt token is left to compute, so
    * the step produces logits for it. Null when the pool cannot hold it now.
+   * Blocks are shared only between sequences on the same adapter (`adapterId`; undefined:
+   * the base model), since the adapter changes the K/V of every token.
    */
-  allocate(seqId: number, prompt: readonly number[]): Allocation | null {
+  allocate(seqId: number, prompt: readonly number[], adapterId?: string): Allocation | null {
     if (this.sequences.has(seqId)) {
       throw new BlockManagerUsageError(`sequence ${seqId} is already allocated`);
     }
@@ -150,7 +154,7 @@ export class BlockManager {
       );
     }
     const maxShared = Math.floor((prompt.length - 1) / this.blockSize);
-    const shared = this.enablePrefixCaching ? this.trie.match(prompt, maxShared) : [];
+    const shared = this.enablePrefixCaching ? this.trie.match(prompt, maxShared, adapterId) : [];
     // Pin the shared blocks first so that making room cannot evict them.
     for (const node of shared) this.addRef(node.block);
     const fresh = blocksNeeded - shared.length;
@@ -160,7 +164,7 @@ export class BlockManager {
     }
     const blockTable = [...shared.map((node) => node.block), ...this.takeBlocks(fresh)];
     const numCached = shared.length * this.blockSize;
-    const lastNode = shared.at(-1) ?? this.trie.root;
+    const lastNode = shared.at(-1) ?? (this.enablePrefixCaching ? this.trie.rootOf(adapterId) : this.trie.root);
     this.clock++;
     this.trie.touchPath(lastNode, this.clock);
     this.sequences.set(seqId, {
@@ -169,6 +173,7 @@ export class BlockManager {
       committed: prompt.slice(0, numCached),
       numSlots: prompt.length,
       lastNode,
+      adapterId,
       pruned: false,
     });
     this.prefixHitTokens += numCached;
@@ -313,6 +318,7 @@ export class BlockManager {
       committed: [...parent.committed],
       numSlots: parent.numSlots,
       lastNode: parent.lastNode,
+      adapterId: parent.adapterId,
       pruned: parent.pruned,
     });
   }
@@ -327,6 +333,19 @@ export class BlockManager {
     this.trie.touchPath(seq.lastNode, this.clock);
     for (const block of seq.blockTable) this.release(block);
     this.sequences.delete(seqId);
+  }
+
+  /**
+   * Frees every block cached for an adapter that will never run again (an unloaded version):
+   * its K/V can match no later request. No sequence may still run on it.
+   */
+  dropAdapter(adapterId: string): void {
+    for (const [seqId, seq] of this.sequences) {
+      if (seq.adapterId === adapterId) {
+        throw new BlockManagerUsageError(`dropAdapter: sequence ${seqId} still runs on adapter "${adapterId}"`);
+      }
+    }
+    for (const block of this.trie.dropNamespace(adapterId)) this.freeList.add(block);
   }
 
   blockTable(seqId: number): number[] {
@@ -460,7 +479,8 @@ export class BlockManager {
       );
       return problems;
     }
-    for (let node = seq.lastNode; node !== this.trie.root; node = node.parent!) {
+    let node = seq.lastNode;
+    for (; node.depth > 0; node = node.parent!) {
       const i = node.depth - 1;
       if (node.parent === null) {
         problems.push(`${where}: trie path is detached from the root`);
@@ -478,6 +498,9 @@ export class BlockManager {
       if (tokens.join(",") !== node.tokens.join(",")) {
         problems.push(`${where}: block ${i}'s committed tokens differ from its trie node's`);
       }
+    }
+    if (node.depth === 0 && node !== this.trie.rootOf(seq.adapterId)) {
+      problems.push(`${where}: trie path is not under its adapter's root (${seq.adapterId ?? "base"})`);
     }
     return problems;
   }

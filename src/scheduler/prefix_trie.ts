@@ -10,6 +10,11 @@
  * nodes without children) up to date when told a count changed. Only leaves are
  * evicted, so removing a node never orphans a child that a sequence still reads
  * through.
+ *
+ * K/V also depend on the weights that computed them, so a sequence on a LoRA adapter
+ * must never share blocks with the base model or another adapter: every adapter id
+ * (a namespace) has its own root, and the same tokens under different roots are
+ * different nodes. The base model's root is `root` (namespace undefined).
  */
 
 import { KvIntegrityError } from "./errors.ts";
@@ -41,6 +46,8 @@ export class PrefixTrie {
     children: new Map(),
     lastUsed: 0,
   };
+  /** Root of each namespace (adapter id; undefined: the base model). */
+  private readonly roots = new Map<string | undefined, TrieNode>([[undefined, this.root]]);
   private readonly nodeByBlock = new Map<number, TrieNode>();
   private readonly evictableLeaves = new Set<TrieNode>();
 
@@ -58,10 +65,53 @@ export class PrefixTrie {
     return this.nodeByBlock.get(block);
   }
 
-  /** Nodes of the longest run of full blocks that `tokens` starts with, at most `maxBlocks`. */
-  match(tokens: readonly number[], maxBlocks: number): TrieNode[] {
+  /** The root of a namespace (adapter id; undefined: the base model), made on first use. */
+  rootOf(namespace: string | undefined): TrieNode {
+    let root = this.roots.get(namespace);
+    if (!root) {
+      root = { block: -1, tokens: [], parent: null, depth: 0, children: new Map(), lastUsed: 0 };
+      this.roots.set(namespace, root);
+    }
+    return root;
+  }
+
+  /**
+   * Removes a namespace and every block cached under it (none may be referenced: the caller
+   * makes sure no sequence runs on it). Returns the blocks, now free. The base namespace stays.
+   */
+  dropNamespace(namespace: string): number[] {
+    const root = this.roots.get(namespace);
+    if (!root) return [];
+    const blocks: number[] = [];
+    const visit = (node: TrieNode): void => {
+      for (const child of node.children.values()) {
+        visit(child);
+        if (this.isReferenced(child.block)) {
+          throw new KvIntegrityError(
+            `trie: dropping namespace "${namespace}", but its block ${child.block} is referenced`,
+          );
+        }
+        blocks.push(child.block);
+      }
+    };
+    visit(root);
+    for (const block of blocks) {
+      this.evictableLeaves.delete(this.nodeByBlock.get(block)!);
+      this.nodeByBlock.delete(block);
+    }
+    this.roots.delete(namespace);
+    return blocks;
+  }
+
+  /**
+   * Nodes of the longest run of full blocks that `tokens` starts with, at most `maxBlocks`,
+   * in the namespace (adapter id; undefined: the base model).
+   */
+  match(tokens: readonly number[], maxBlocks: number, namespace?: string): TrieNode[] {
     const path: TrieNode[] = [];
-    let node = this.root;
+    const root = this.roots.get(namespace);
+    if (!root) return path;
+    let node = root;
     const B = this.blockSize;
     for (let i = 0; i < maxBlocks && (i + 1) * B <= tokens.length; i++) {
       const child = node.children.get(keyOf(tokens.slice(i * B, (i + 1) * B)));
@@ -109,7 +159,7 @@ export class PrefixTrie {
 
   /** Mark `node` and its ancestors used at `clock`: using a prefix uses everything before it. */
   touchPath(node: TrieNode, clock: number): void {
-    for (let n: TrieNode | null = node; n && n !== this.root; n = n.parent) n.lastUsed = clock;
+    for (let n: TrieNode | null = node; n && n.depth > 0; n = n.parent) n.lastUsed = clock;
   }
 
   /** Re-evaluate whether `block`'s node is an evictable leaf, after its reference count changed. */
@@ -133,7 +183,7 @@ export class PrefixTrie {
     parent.children.delete(keyOf(victim.tokens));
     this.nodeByBlock.delete(victim.block);
     this.evictableLeaves.delete(victim);
-    if (parent !== this.root) this.refresh(parent);
+    if (parent.depth > 0) this.refresh(parent);
     return victim.block;
   }
 
@@ -144,12 +194,12 @@ export class PrefixTrie {
     const visit = (node: TrieNode): boolean => {
       let unreferenced = true;
       for (const child of node.children.values()) unreferenced = visit(child) && unreferenced;
-      if (node === this.root) return unreferenced;
+      if (node.depth === 0) return unreferenced;
       unreferenced &&= !this.isReferenced(node.block);
       if (unreferenced) count++;
       return unreferenced;
     };
-    visit(this.root);
+    for (const root of this.roots.values()) visit(root);
     return count;
   }
 
@@ -185,7 +235,7 @@ export class PrefixTrie {
         visit(child);
       }
     };
-    visit(this.root);
+    for (const root of this.roots.values()) visit(root);
     if (reachable !== this.nodeByBlock.size) {
       problems.push(
         `trie: ${reachable} nodes reachable from the root, block index holds ${this.nodeByBlock.size}`,

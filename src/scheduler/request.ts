@@ -18,6 +18,11 @@ export interface GenerationRequest {
   onToken?: (id: number) => void;
   /** KV entries kept for this request before pruning (0: never prune; default: the engine's). */
   kvBudget?: number;
+  /**
+   * The LoRA adapter the request runs on, as loaded in the engine (a resolved, versioned id such
+   * as "name@2"); undefined: the base model. Fixed for the request's life.
+   */
+  adapterId?: string;
 }
 
 export type StopReason = "eos" | "length";

@@ -12,6 +12,10 @@
  *               normed = rmsnorm(hidden)
  *               gateUp[T,2I] = normed·Wgu^T;  act[T,I] = silu(gate)*up
  *               hidden += act·Wdown^T
+ *   (with an adapter pool, each adapted projection P of the layer also gets, for the step's tokens
+ *    on an adapter:  y_P[t] += scale_s · (x_P[t] A_s^T) B_s^T  with s the token's adapter slot;
+ *    q/k/v into their column ranges of qkv, gate/up into gateUp's, o and down into hidden.
+ *    Steps without adapter tokens dispatch none of it.)
  *   last[S,D] = rmsnorm(hidden[logitRows]);  logits[S,V] = last·Wlm^T
  *   sampled[S] = sample(logits)
  *
@@ -33,6 +37,9 @@ import { createInvFreqUniform, RopeKvWrite } from "../kernels/rope_kv_write.ts";
 import { FinalNorm } from "../kernels/final_norm.ts";
 import { Sampler } from "../kernels/sample.ts";
 import { TokenFeedback } from "../kernels/token_feedback.ts";
+import { LoraExpand, LoraShrink } from "../kernels/lora.ts";
+import type { AdapterPool } from "../lora/adapter_pool.ts";
+import type { LoraTarget } from "../lora/lora.ts";
 import type { Region, StepCapacity, StepCounts, StepLayout } from "./step_data.ts";
 import type { UniformArena } from "./uniform_arena.ts";
 
@@ -45,6 +52,8 @@ export interface ForwardInputs {
   layout: StepLayout;
   stepBuffer: GPUBuffer;
   uniforms: UniformArena<StepCounts>;
+  /** Resident LoRA adapters; null: the engine serves the base model only. */
+  lora: AdapterPool | null;
 }
 
 export interface Forward {
@@ -106,6 +115,8 @@ export function buildForward(inputs: ForwardInputs): Forward {
   // The step's input ids live apart from the other step data: token feedback writes them while
   // reading the step data, and one dispatch may not read and write the same buffer.
   const tokenIds = buffer(T, "token ids");
+  // x·A^T of the adapted projection being computed, f32 [T, maxRank] (reused by every projection).
+  const loraU = inputs.lora ? buffer(T * inputs.lora.maxRank, "lora_u") : null;
   const activationBytes = owned.reduce((sum, b) => sum + b.size, 0);
   const kvFloats = inputs.kvBlocks * Hkv * capacity.blockSize * hd;
   // Attention mass per physical KV slot (H2O pruning), summed over layers and heads / (L * H).
@@ -178,6 +189,39 @@ export function buildForward(inputs: ForwardInputs): Forward {
     }
   };
 
+  /**
+   * After the projection `target` of layer `l` (input x [T, xStride], output columns yOffset.. of
+   * y [T, yStride]), adds its LoRA for the step's adapter tokens. Rows on no adapter cost one
+   * zero write in the shrink; steps without adapter tokens dispatch nothing.
+   */
+  const adapt = (
+    l: number,
+    target: LoraTarget,
+    x: GPUBuffer,
+    xStride: number,
+    y: GPUBuffer,
+    yStride: number,
+    yOffset: number,
+  ) => {
+    const pool = inputs.lora?.layers[l].get(target);
+    if (!pool || !loraU) return;
+    const R = inputs.lora!.maxRank;
+    const shrink = new LoraShrink(ctx, { inFeatures: pool.in, rank: R, inStride: xStride });
+    const expand = new LoraExpand(ctx, { outFeatures: pool.out, rank: R, outStride: yStride, outOffset: yOffset });
+    const slots = step(layout.loraSlots);
+    const shrinkGroup = shrink.bind(tokensUniform, x, slots, pool.a, loraU);
+    const expandGroup = expand.bind(tokensUniform, loraU, slots, pool.b, inputs.lora!.scales, y);
+    const rows = (n: StepCounts) => (n.loraTokens > 0 ? n.tokens : 0);
+    add("lora_shrink", (pass, n) => shrink.encode(pass, shrinkGroup, rows(n)), (n) => ({
+      bytes: rows(n) * (pool.in + R) * 4 + n.loraTokens * R * pool.in * 4,
+      flops: 2 * n.loraTokens * R * pool.in,
+    }));
+    add("lora_expand", (pass, n) => expand.encode(pass, expandGroup, rows(n)), (n) => ({
+      bytes: n.loraTokens * (R + pool.out * R + 2 * pool.out) * 4,
+      flops: 2 * n.loraTokens * pool.out * R,
+    }));
+  };
+
   const norm = new RmsNorm(ctx, D, c.rmsNormEps);
   const normCost = (n: StepCounts) => ({ bytes: n.tokens * 2 * D * 4, flops: n.tokens * 4 * D });
   /** Attention reads every attended key and value once (per KV head) for each query token. */
@@ -199,6 +243,9 @@ export function buildForward(inputs: ForwardInputs): Forward {
     const inNorm = norm.bind(tokensUniform, hidden, w.inputNorm, normed);
     add("rms_norm", (pass, n) => norm.encode(pass, inNorm, n.tokens), normCost);
     linear(normed, w.qkv, w.qkvBias, qkv, false, "tokens");
+    adapt(l, "q", normed, D, qkv, qkvCols, 0);
+    adapt(l, "k", normed, D, qkv, qkvCols, H * hd);
+    adapt(l, "v", normed, D, qkv, qkvCols, (H + Hkv) * hd);
     const ropeGroup = rope.bind(
       tokensUniform, qkv, step(layout.positions), step(layout.tokenSeq), step(layout.seqs),
       step(layout.blockTables), invFreq, q, kCaches[l], vCaches[l],
@@ -227,15 +274,19 @@ export function buildForward(inputs: ForwardInputs): Forward {
       flops: 0,
     }));
     linear(attn, w.o, null, hidden, true, "tokens");
+    adapt(l, "o", attn, H * hd, hidden, D, 0);
     const postNorm = norm.bind(tokensUniform, hidden, w.postNorm, normed);
     add("rms_norm", (pass, n) => norm.encode(pass, postNorm, n.tokens), normCost);
     linear(normed, w.gateUp, null, gateUp, false, "tokens");
+    adapt(l, "gate", normed, D, gateUp, 2 * I, 0);
+    adapt(l, "up", normed, D, gateUp, 2 * I, I);
     const swigluGroup = swiglu.bind(tokensUniform, gateUp, act);
     add("swiglu", (pass, n) => swiglu.encode(pass, swigluGroup, n.tokens), (n) => ({
       bytes: n.tokens * 3 * I * 4,
       flops: n.tokens * I * 6,
     }));
     linear(act, w.down, null, hidden, true, "tokens");
+    adapt(l, "down", act, I, hidden, D, 0);
   });
 
   const finalNorm = new FinalNorm(ctx, D, c.rmsNormEps);

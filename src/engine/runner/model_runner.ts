@@ -13,7 +13,7 @@ import { createStorage, createUniform, packUniform, readF32 } from "../gpu/buffe
 import type { ModelConfig } from "../model/config.ts";
 import type { ModelSource } from "../model/source.ts";
 import { type GpuWeights, uploadWeights, type WeightDtype } from "../model/gpu_weights.ts";
-import { GpuMemoryError, InvalidRequestError } from "../errors.ts";
+import { GpuMemoryError, InvalidRequestError, LoraAdapterError, UnknownAdapterError } from "../errors.ts";
 import { type BlockCopy, GREEDY, type KvEdit, type StepPlan, type StepResult } from "../step.ts";
 import { KvCompact } from "../kernels/kv_compact.ts";
 import { ReadbackPacer } from "../gpu/readback_pacer.ts";
@@ -21,6 +21,8 @@ import { packStep, type StepCapacity, type StepCounts, stepLayout, type StepLayo
 import { UniformArena } from "./uniform_arena.ts";
 import { buildForward, type Forward } from "./forward.ts";
 import { PREFILL_TILE_Q } from "../kernels/attention.ts";
+import { AdapterPool, type AdapterPoolOptions, DEFAULT_ADAPTER_POOL } from "../lora/adapter_pool.ts";
+import type { LoraWeights } from "../lora/lora.ts";
 
 export interface RunnerOptions {
   weightDtype?: WeightDtype;
@@ -35,6 +37,12 @@ export interface RunnerOptions {
   kvBlocks?: number;
   /** Memory budget of the KV pool (all layers, K and V), in bytes. */
   kvMemoryBytes?: number;
+  /**
+   * Keep LoRA adapters resident and serve them (SequenceWork.adapterId). Absent: no adapter pool
+   * (no memory, no cost). Fields left out take DEFAULT_ADAPTER_POOL's: 4 adapters, rank <= 16,
+   * all seven projections (fine for small models; name fewer targets for large ones).
+   */
+  lora?: Partial<AdapterPoolOptions>;
 }
 
 export interface MemoryReport {
@@ -45,6 +53,8 @@ export interface MemoryReport {
   kvTokens: number;
   kvBytesPerToken: number;
   activationBytes: number;
+  /** The LoRA adapter pool (0 without one). */
+  loraBytes: number;
 }
 
 export class ModelRunner {
@@ -62,6 +72,8 @@ export class ModelRunner {
   private compactor: ReturnType<ModelRunner["createCompactor"]> | null = null;
   /** One block of every KV pool, for copy-on-write block copies; made on first use. */
   private blockStaging: GPUBuffer | null = null;
+  /** Loaded adapter id -> its slot in the adapter pool. */
+  private readonly adapterSlots = new Map<string, number>();
 
   private constructor(
     readonly ctx: GpuContext,
@@ -75,6 +87,8 @@ export class ModelRunner {
     /** The recorded forward pass (read by the benchmark's per-kernel timing). */
     readonly forward: Forward,
     readonly memory: MemoryReport,
+    /** Resident LoRA adapters; null when created without options.lora. */
+    readonly adapterPool: AdapterPool | null,
   ) {
     this.stepBytes = new ArrayBuffer(layout.totalBytes);
     this.pacer = new ReadbackPacer(ctx.backend === "dawn" && ctx.isSoftware);
@@ -115,8 +129,9 @@ export class ModelRunner {
     const layout = stepLayout(capacity);
     const stepBuffer = createStorage(ctx, layout.totalBytes, "step data");
     const uniforms = new UniformArena<StepCounts>(ctx, 64);
+    const lora = options.lora ? new AdapterPool(ctx, config, { ...DEFAULT_ADAPTER_POOL, ...options.lora }) : null;
     const forward = buildForward({
-      ctx, config, capacity, weights, kvBlocks, layout, stepBuffer, uniforms,
+      ctx, config, capacity, weights, kvBlocks, layout, stepBuffer, uniforms, lora,
     });
     const kvBytes = 2 * config.numLayers * kvBlocks * kvBytesPerBlock;
     const memory: MemoryReport = {
@@ -126,10 +141,43 @@ export class ModelRunner {
       kvTokens: kvBlocks * blockSize,
       kvBytesPerToken: kvBytes / (kvBlocks * blockSize),
       activationBytes: forward.activationBytes + layout.totalBytes,
+      loraBytes: lora?.bytes ?? 0,
     };
     return new ModelRunner(
-      ctx, config, capacity, weights, kvBlocks, layout, stepBuffer, uniforms, forward, memory,
+      ctx, config, capacity, weights, kvBlocks, layout, stepBuffer, uniforms, forward, memory, lora,
     );
+  }
+
+  /**
+   * Makes an adapter resident under `id`; steps then serve sequences whose adapterId is `id`.
+   * Throws LoraAdapterError (no pool, id taken, adapter does not fit) or AdapterPoolFullError.
+   */
+  loadAdapter(id: string, weights: LoraWeights): void {
+    if (!this.adapterPool) {
+      throw new LoraAdapterError(
+        `adapter "${id}": this engine has no adapter pool; create it with the lora option`,
+      );
+    }
+    if (this.adapterSlots.has(id)) {
+      throw new LoraAdapterError(`adapter "${id}" is already loaded; unload it first or use another id`);
+    }
+    this.adapterSlots.set(id, this.adapterPool.load(weights));
+  }
+
+  /**
+   * Frees an adapter's slot. Steps already submitted still read it correctly (later uploads are
+   * queued after them); sequences must not name it in later steps.
+   */
+  unloadAdapter(id: string): void {
+    const slot = this.adapterSlots.get(id);
+    if (slot === undefined) throw new UnknownAdapterError(id, this.adapters);
+    this.adapterPool!.free(slot);
+    this.adapterSlots.delete(id);
+  }
+
+  /** Ids of the loaded adapters, in load order. */
+  get adapters(): string[] {
+    return [...this.adapterSlots.keys()];
   }
 
   /**
@@ -143,6 +191,7 @@ export class ModelRunner {
   execute(plan: StepPlan): Promise<StepResult> {
     const { counts, sampleOrder, newMassSlots } = packStep(
       plan, this.capacity, this.layout, this.config.vocabSize, this.stepBytes, this.previousSampleRows,
+      this.adapterSlots,
     );
     this.previousSampleRows = new Map(sampleOrder.map((planIndex, row) => [plan.sequences[planIndex].seqId, row]));
     const device = this.ctx.device;
@@ -314,6 +363,7 @@ export class ModelRunner {
     this.stepBuffer.destroy();
     for (const buffer of this.readbacks) buffer.destroy();
     this.blockStaging?.destroy();
+    this.adapterPool?.destroy();
     if (this.compactor) {
       this.compactor.kernel.destroy();
       this.compactor.params.destroy();

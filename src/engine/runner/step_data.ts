@@ -7,7 +7,8 @@
 import { FEEDBACK_TOKEN, type StepPlan } from "../step.ts";
 import { planAttention } from "../kernels/attention.ts";
 import { packSamplingParams, SAMPLING_PARAMS_BYTES, type SamplingOptions } from "../kernels/sample.ts";
-import { InvalidRequestError } from "../errors.ts";
+import { InvalidRequestError, UnknownAdapterError } from "../errors.ts";
+import { NO_ADAPTER_SLOT } from "../kernels/lora.ts";
 
 export interface StepCapacity {
   maxTokens: number; // tokens per step (prefill chunk budget)
@@ -35,6 +36,7 @@ export interface StepLayout {
   sampling: Region; // SamplingParams [S], 32 bytes each
   massChunks: Region; // u32x4 [S]: (firstToken, numTokens, blockTableOffset, numKeys0) of trackMass sequences
   feedback: Region; // u32x2 [S]: (previous step's sample row, token index) of FEEDBACK_TOKEN inputs
+  loraSlots: Region; // u32 [T]: adapter pool slot of each token's sequence, NO_ADAPTER_SLOT for the base model
   totalBytes: number;
 }
 
@@ -63,6 +65,7 @@ export function stepLayout(cap: StepCapacity): StepLayout {
     sampling: region(S * SAMPLING_PARAMS_BYTES),
     massChunks: region(S * 16),
     feedback: region(S * 8),
+    loraSlots: region(T * 4),
   };
   return { ...layout, totalBytes: offset };
 }
@@ -78,6 +81,8 @@ export interface StepCounts {
   massChunks: number;
   decodeTokens: number;
   tiles: number;
+  /** Tokens whose sequence runs on a LoRA adapter (0: the step dispatches no LoRA kernels). */
+  loraTokens: number;
   /** Sum over decode-kernel tokens of the keys each attends to (position + 1), for cost models. */
   decodeAttended: number;
   /** The same over prefill-kernel tokens. */
@@ -89,6 +94,7 @@ export interface StepCounts {
  * in logitRows/sampling, in plan order; `sampleOrder[i]` is the plan index of row i.
  * `previousSampleRows` maps the seqIds that sampled in the previous step to their
  * sample row there: a FEEDBACK_TOKEN input is read from that row on the GPU.
+ * `adapterSlots` maps the adapter ids the runner holds to their pool slots.
  */
 export function packStep(
   plan: StepPlan,
@@ -97,6 +103,7 @@ export function packStep(
   vocabSize: number,
   out: ArrayBuffer,
   previousSampleRows: ReadonlyMap<number, number> = new Map(),
+  adapterSlots: ReadonlyMap<string, number> = new Map(),
 ): { counts: StepCounts; sampleOrder: number[]; newMassSlots: number[] } {
   const u32 = (r: Region) => new Uint32Array(out, r.offset, r.size / 4);
   const tokenIds = u32(layout.tokenIds), positions = u32(layout.positions);
@@ -106,7 +113,8 @@ export function packStep(
   const decodeTokens = u32(layout.decodeTokens), tiles = u32(layout.tiles);
   const feedback = u32(layout.feedback);
   const massChunks = u32(layout.massChunks);
-  let feedbackTokens = 0, numMassChunks = 0;
+  const loraSlots = u32(layout.loraSlots);
+  let feedbackTokens = 0, numMassChunks = 0, loraTokens = 0;
   /** Physical KV slots (block * blockSize + offset) written this step by trackMass sequences. */
   const newMassSlots: number[] = [];
   const samplingRows: SamplingOptions[] = [];
@@ -142,6 +150,14 @@ export function packStep(
           `block table has ${seq.blockTable.length} (engine limit ${cap.maxBlocksPerSeq})`,
       );
     }
+    let slot = NO_ADAPTER_SLOT;
+    if (seq.adapterId !== undefined) {
+      const found = adapterSlots.get(seq.adapterId);
+      if (found === undefined) throw new UnknownAdapterError(seq.adapterId, [...adapterSlots.keys()]);
+      slot = found;
+      loraTokens += n;
+    }
+    loraSlots.fill(slot, t, t + n);
     const tableOffset = s * cap.maxBlocksPerSeq;
     for (let j = 0; j < blocksNeeded; j++) blockTables[tableOffset + j] = seq.blockTable[j];
     seqs.set([tableOffset, contextLen, t, n], s * 4);
@@ -193,6 +209,7 @@ export function packStep(
       sampledSeqs: sampleOrder.length,
       feedbackTokens,
       massChunks: numMassChunks,
+      loraTokens,
       decodeTokens: attention.decodeTokens.length / 2,
       tiles: attention.tiles.length / 4,
       decodeAttended,
