@@ -5,6 +5,7 @@ import { INFO_HELP, infoCommand } from "./commands/info.ts";
 import { CONVERT_HELP, convertCommand } from "./commands/convert.ts";
 import { BENCH_HELP, benchCommand } from "./commands/bench.ts";
 import { EVAL_PRUNING_HELP, evalPruningCommand } from "./commands/eval_pruning.ts";
+import { TRAIN_HELP, trainCommand } from "./commands/train.ts";
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   generate: { run: generateCommand, help: GENERATE_HELP },
@@ -12,6 +13,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   bench: { run: benchCommand, help: BENCH_HELP },
   info: { run: infoCommand, help: INFO_HELP },
   "eval-pruning": { run: evalPruningCommand, help: EVAL_PRUNING_HELP },
+  train: { run: trainCommand, help: TRAIN_HELP },
 };
 
 function usage(): string {

@@ -13,15 +13,18 @@ import { InvalidRequestError } from "../../engine/errors.ts";
 import { ServingEngine } from "../../host/serving_engine.ts";
 import type { RequestOutput } from "../../scheduler/request.ts";
 import { parsePromptsFile } from "../generate/prompts_file.ts";
+import { readPeftAdapter } from "../../engine/lora/peft.ts";
 
 export const GENERATE_HELP = `mace generate [--model DIR|FILE] [--tokenizer FILE]
     [--prompt TEXT | --prompts FILE.jsonl] [--max-tokens N] [--temperature T] [--top-k K]
     [--top-p P] [--seed S] [--backend auto|wgpu|dawn] [--weights f32|f16] [--json]
     [--max-seqs N] [--chunk-tokens N] [--no-prefix-cache] [--pipeline-depth N] [--kv-budget N]
+    [--adapter DIR]
   Generates text; stops at EOS or --max-tokens. An empty prompt starts from BOS.
   --prompts runs every line ({"prompt", "max_tokens"?, "seed"?, "temperature"?, "top_k"?,
   "top_p"?}) as one continuously batched workload and prints one JSON line per prompt.
-  --kv-budget N prunes each request's KV cache to N tokens (H2O-style; default 0 = exact).`;
+  --kv-budget N prunes each request's KV cache to N tokens (H2O-style; default 0 = exact).
+  --adapter DIR serves with a LoRA adapter in the PEFT layout (e.g. written by mace train).`;
 
 export async function generateCommand(argv: string[]): Promise<void> {
   const flags = parseFlags(argv, {
@@ -42,6 +45,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     "no-prefix-cache": { type: "boolean", default: false },
     "pipeline-depth": { type: "string" },
     "kv-budget": { type: "string" },
+    adapter: { type: "string" },
   }, "generate");
   const backend = flags.backend as BackendName;
   if (!["auto", "wgpu", "dawn"].includes(backend)) {
@@ -75,6 +79,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     },
   }));
   const longest = Math.max(...requests.map((r) => r.prompt.length + r.maxTokens));
+  const adapter = flags.adapter === undefined ? null : await readPeftAdapter(flags.adapter, source.config);
 
   const ctx = await createGpuContext({ backend });
   const engine = await ServingEngine.create(ctx, source, {
@@ -87,13 +92,17 @@ export async function generateCommand(argv: string[]): Promise<void> {
       ? undefined
       : numberFlag(flags["pipeline-depth"], "pipeline-depth", 1, positiveInt),
     kvBudget: numberFlag(flags["kv-budget"], "kv-budget", 0, (n) => Number.isInteger(n) && n >= 0),
+    lora: adapter
+      ? { maxAdapters: 1, maxRank: adapter.config.rank, targets: adapter.config.targets }
+      : undefined,
   });
+  const adapterId = adapter ? engine.publishAdapter("adapter", adapter) : undefined;
   try {
     if (flags.prompts === undefined) {
-      await generateOne(engine, tokenizer, requests[0], flags.json!, ctx);
+      await generateOne(engine, tokenizer, { ...requests[0], adapter: adapterId }, flags.json!, ctx);
     } else {
-      const outputs = await Promise.all(requests.map((r) => engine.generate(r.prompt, r)));
-      for (const output of outputs) console.log(JSON.stringify(outputJson(output, tokenizer)));
+      const outputs = await Promise.all(requests.map((r) => engine.generate(r.prompt, { ...r, adapter: adapterId })));
+      for (const output of outputs) console.log(JSON.stringify(outputJson(output, tokenizer, adapterId)));
       const stats = engine.blockManager.stats();
       console.error(
         `[${outputs.length} prompts, ${outputs.reduce((n, o) => n + o.tokens.length, 0)} tokens, ` +
@@ -123,7 +132,7 @@ function encodePrompt(tokenizer: Tokenizer, text: string, bos: number | null): n
   return ids;
 }
 
-function outputJson(output: RequestOutput, tokenizer: Tokenizer) {
+function outputJson(output: RequestOutput, tokenizer: Tokenizer, adapter: string | undefined) {
   const decodeMs = output.tokenTimesMs.reduce((a, b) => a + b, 0);
   return {
     promptTokens: output.promptTokens,
@@ -135,14 +144,14 @@ function outputJson(output: RequestOutput, tokenizer: Tokenizer) {
     decodeTokensPerSecond: output.tokenTimesMs.length / (decodeMs / 1000),
     prefixHitTokens: output.prefixHitTokens,
     evictedTokens: output.evictedTokens,
-    loraAdapter: null,
+    loraAdapter: adapter ?? null,
   };
 }
 
 async function generateOne(
   engine: ServingEngine,
   tokenizer: Tokenizer,
-  request: { text: string; prompt: number[]; maxTokens: number; sampling: SamplingParams },
+  request: { text: string; prompt: number[]; maxTokens: number; sampling: SamplingParams; adapter?: string },
   json: boolean,
   ctx: { backend: string; adapterDescription: string },
 ): Promise<void> {
@@ -157,7 +166,7 @@ async function generateOne(
     console.log(JSON.stringify({
       backend: ctx.backend,
       adapter: ctx.adapterDescription,
-      ...outputJson(output, tokenizer),
+      ...outputJson(output, tokenizer, request.adapter),
     }));
     return;
   }
