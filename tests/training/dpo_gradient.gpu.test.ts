@@ -17,7 +17,7 @@ import type { LoraConfig, LoraTarget, LoraWeights } from "../../src/engine/lora/
 import { targetShape } from "../../src/engine/lora/lora.ts";
 import { dpoLossAndGrad, LoraDpoReference } from "../../src/engine/reference/lora_dpo.ts";
 import { DpoTrainer, type TrainingPair } from "../../src/engine/training/dpo_trainer.ts";
-import { gpuTest, testContext } from "../helpers/gpu.ts";
+import { gpuTest, testBackend, testContext } from "../helpers/gpu.ts";
 import { assertClose, maxRelativeError, type Tolerance } from "../helpers/tolerance.ts";
 import { randn } from "../helpers/random.ts";
 
@@ -31,7 +31,7 @@ const GRADIENT: Tolerance = { rtol: 1e-4 };
  * Finite-difference check of one tensor's gradient g: directional derivatives of the f32 loss
  * along d = g/|g| and along a random unit direction, by central differences. Probing whole
  * directions gives the largest signal (|g|) against the loss's f32 round-off (~1e-6). The step
- * moves the loss by about 1e-3 (h = 1e-3 / |g|, at most 5e-2): small enough that the loss is
+ * moves the loss by about 1e-3 (h = 1e-3 / |g|, at most 0.2): small enough that the loss is
  * nearly linear over it, large enough that round-off stays ~1e-3 of |g|. Returns
  * max |FD - g.d| / |g| over both directions: the tensor's relative error.
  */
@@ -48,7 +48,7 @@ async function directionalError(
   const parts: string[] = [];
   for (const d of directions) {
     const central = async (h: number) => ((await lossAlong(d, h)) - (await lossAlong(d, -h))) / (2 * h);
-    const fd = await central(Math.min(5e-2, 1e-3 / norm));
+    const fd = await central(Math.min(0.2, 1e-3 / norm));
     const exact = d.reduce((sum, x, i) => sum + x * g[i], 0);
     relative = Math.max(relative, Math.abs(fd - exact) / norm);
     parts.push(`fd ${fd.toExponential(4)} vs g.d ${exact.toExponential(4)}`);
@@ -138,20 +138,25 @@ for (const { name, spec, lora } of CASES) {
       expected.loss, expected.policyChosen, expected.policyRejected,
     ], { rtol: 1e-4 }, "loss and log-probs");
     const grads = await trainer.params.readGrads();
+    let worstReference = 0, worstFd = 0;
     for (let l = 0; l < config.numLayers; l++) {
       for (const t of lora.targets) {
         for (const m of ["a", "b"] as const) {
           assertClose(grads.layers[l][t]![m], expected.grads.layers[l][t]![m], GRADIENT, `layer ${l} ${t}.${m}`);
+          const { relative } = maxRelativeError(grads.layers[l][t]![m], expected.grads.layers[l][t]![m]);
+          worstReference = Math.max(worstReference, relative);
         }
       }
     }
 
-    // Finite differences of the GPU's own f32 loss, every tensor.
+    // Finite differences of the GPU's own f32 loss, every tensor. On wgpu only: Dawn's readback
+    // spin starves SwiftShader (4 readbacks per tensor took 12 minutes there); Dawn's gradient is
+    // held to the float64 reference above, at 1e-4.
     const lossAt = async (w: LoraWeights) => {
       trainer.load(w);
       return (await trainer.evaluate([pair])).loss;
     };
-    for (let l = 0; l < config.numLayers; l++) {
+    for (let l = 0; l < (testBackend() === "wgpu" ? config.numLayers : 0); l++) {
       for (const t of lora.targets) {
         for (const m of ["a", "b"] as const) {
           const { relative, detail } = await directionalError(
@@ -160,9 +165,14 @@ for (const { name, spec, lora } of CASES) {
             7 * l + 3,
           );
           assert.ok(relative < 1e-2, `layer ${l} ${t}.${m}: relative error ${relative.toExponential(2)} (${detail})`);
+          worstFd = Math.max(worstFd, relative);
         }
       }
     }
+    console.log(
+      `worst relative error per tensor: vs float64 reference ${worstReference.toExponential(2)}` +
+        (testBackend() === "wgpu" ? `, vs finite differences ${worstFd.toExponential(2)}` : ""),
+    );
     trainer.destroy();
   });
 }
@@ -217,7 +227,13 @@ Deno.test({ name: "one SGD step without clipping writes init - lr * grad; sliced
   unsliced.destroy();
 });
 
-Deno.test({ name: "with LoRA dropout the gradient matches finite differences of the training loss", ...gpuTest }, async () => {
+// wgpu only, like the finite differences above (Dawn's readback spin); the dropout kernel itself
+// is tested on both backends (tests/kernels/lora_dropout.gpu.test.ts).
+Deno.test({
+  name: "with LoRA dropout the gradient matches finite differences of the training loss",
+  ignore: testBackend() !== "wgpu",
+  ...gpuTest,
+}, async () => {
   const lora: LoraConfig = { rank: 2, alpha: 4, targets: ["q", "o", "down"], dropout: 0.3 };
   const { config, newTrainer } = await setUp(LLAMA_GQA, lora);
   const trainer = newTrainer({ beta: 0.5 });

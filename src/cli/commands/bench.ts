@@ -6,7 +6,7 @@
  * the device's own copy bandwidth measured in the same run.
  */
 import { parseFlags, numberFlag } from "../args.ts";
-import { createGpuContext, type BackendName } from "../../engine/gpu/context.ts";
+import { type BackendName, createGpuContext, type GpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { QWEN25_05B, randomModelSource, SMOLLM2_135M } from "../../engine/model/random_model.ts";
 import type { ModelSource } from "../../engine/model/source.ts";
@@ -14,6 +14,8 @@ import { InvalidRequestError } from "../../engine/errors.ts";
 import { runModelBench, type ModelBenchResult } from "../bench/model_bench.ts";
 import { printModelBench, writeResult, compareWithBaseline } from "../bench/report.ts";
 import { BATCH_DEFAULTS, batchBenchCommand, describeBatchDefaults } from "../bench/batch_command.ts";
+import { printTrainBench, runTrainBench, writeTrainResult } from "../bench/train_bench.ts";
+import { parseTargets } from "./train.ts";
 
 export const BENCH_HELP = `mace bench [--model DIR|FILE] [--preset smollm2-135m|qwen2.5-0.5b|all]
     [--prompt-tokens N] [--gen-tokens N] [--weights f32|f16] [--backend auto|wgpu|dawn] [--json]
@@ -26,7 +28,13 @@ mace bench --batch [--preset NAME (default smollm2-135m) | --model DIR] [--layer
   token, and a shared-system-prompt workload with prefix sharing on and off. --layers cuts a
   preset's depth (real widths); each figure is the fastest of --rounds interleaved runs. Defaults:
     hardware GPU: ${describeBatchDefaults(BATCH_DEFAULTS.hardware)}
-    software GPU: ${describeBatchDefaults(BATCH_DEFAULTS.software)}`;
+    software GPU: ${describeBatchDefaults(BATCH_DEFAULTS.software)}
+mace bench --train [--preset NAME (default smollm2-135m)] [--layers N] [--prompt-tokens N]
+    [--response-tokens N] [--steps N] [--rank R] [--targets q,v] [--layers-per-slice N]
+  DPO training on a random-weight preset with LoRA (default r=8 on q,v): pairs/s, tokens/s, the
+  time of each slice kind, the inference-prefill baseline of the same tokens, and GPU memory per
+  pair at 256 and 512 tokens at full depth. Defaults: hardware GPU full depth, prompt 128 +
+  responses 128 tokens, 5 steps; software GPU 2 layers, 32 + 32 tokens, 2 steps.`;
 
 export const PRESETS: Record<string, typeof SMOLLM2_135M> = {
   "smollm2-135m": SMOLLM2_135M,
@@ -48,8 +56,22 @@ export async function benchCommand(argv: string[]): Promise<void> {
     "prefix-tokens": { type: "string" },
     requests: { type: "string" },
     rounds: { type: "string" },
+    train: { type: "boolean", default: false },
+    "response-tokens": { type: "string" },
+    steps: { type: "string" },
+    rank: { type: "string" },
+    targets: { type: "string" },
+    "layers-per-slice": { type: "string" },
   }, "bench");
-  const batchOnly = ["layers", "batch-sizes", "prefix-tokens", "requests", "rounds"] as const;
+  const trainOnly = ["response-tokens", "steps", "rank", "targets", "layers-per-slice"] as const;
+  if (!flags.train) {
+    const misplaced = trainOnly.filter((f) => flags[f] !== undefined);
+    if (misplaced.length) throw new InvalidRequestError(`--${misplaced.join(", --")}: only with --train`);
+  }
+  const batchOnly = ["batch-sizes", "prefix-tokens", "requests", "rounds"] as const;
+  if (!flags.batch && !flags.train && flags.layers !== undefined) {
+    throw new InvalidRequestError("--layers: only with --batch or --train");
+  }
   if (!flags.batch) {
     const misplaced = batchOnly.filter((f) => flags[f] !== undefined);
     if (misplaced.length) {
@@ -60,6 +82,14 @@ export async function benchCommand(argv: string[]): Promise<void> {
     throw new InvalidRequestError(`--weights ${flags.weights}: expected f32 or f16`);
   }
   const ctx = await createGpuContext({ backend: flags.backend as BackendName });
+  if (flags.train) {
+    try {
+      await trainBench(ctx, flags);
+    } finally {
+      ctx.destroy();
+    }
+    return;
+  }
   if (flags.batch) {
     try {
       await batchBenchCommand(ctx, flags, PRESETS);
@@ -104,4 +134,35 @@ export async function benchCommand(argv: string[]): Promise<void> {
     results.push(result);
   }
   ctx.destroy();
+}
+
+async function trainBench(ctx: GpuContext, flags: Record<string, string | boolean | undefined>) {
+  const positive = (n: number) => Number.isInteger(n) && n >= 1;
+  const name = flags.preset === undefined || flags.preset === "all" ? "smollm2-135m" : String(flags.preset);
+  const spec = PRESETS[name];
+  if (!spec) throw new InvalidRequestError(`--preset ${name}: expected one of ${Object.keys(PRESETS).join(", ")}`);
+  const soft = ctx.isSoftware;
+  const layers = Math.min(numberFlag(flags.layers, "layers", soft ? 2 : spec.numLayers, positive), spec.numLayers);
+  const result = await runTrainBench(
+    ctx,
+    name,
+    randomModelSource({ ...spec, numLayers: layers }),
+    () => randomModelSource(spec),
+    {
+      promptTokens: numberFlag(flags["prompt-tokens"], "prompt-tokens", soft ? 32 : 128, positive),
+      responseTokens: numberFlag(flags["response-tokens"], "response-tokens", soft ? 32 : 128, positive),
+      steps: numberFlag(flags.steps, "steps", soft ? 2 : 5, positive),
+      layersPerSlice: numberFlag(flags["layers-per-slice"], "layers-per-slice", layers, positive),
+      lora: {
+        rank: numberFlag(flags.rank, "rank", 8, positive),
+        alpha: 2 * numberFlag(flags.rank, "rank", 8, positive),
+        targets: parseTargets(String(flags.targets ?? "q,v")),
+        dropout: 0,
+      },
+      weightDtype: flags.weights as "f32" | "f16",
+    },
+  );
+  if (flags.json) console.log(JSON.stringify(result));
+  else printTrainBench(result);
+  console.error(`wrote ${await writeTrainResult(result)}`);
 }
