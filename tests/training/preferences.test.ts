@@ -7,9 +7,8 @@ import {
   readPreferencePairs,
 } from "../../src/engine/training/preferences.ts";
 
-/** The shared datasets live next to the project; these tests are skipped where they are absent. */
-const DATA = new URL("../../../shared/data/preferences/", import.meta.url).pathname;
-const haveData = await Deno.stat(DATA).then(() => true, () => false);
+/** The datasets shipped in the repository (data/preferences/, with their licences). */
+const DATA = new URL("../../data/preferences/", import.meta.url).pathname;
 
 async function withTempFile<T>(
   name: string,
@@ -162,7 +161,6 @@ for (const s of SHIPPED) {
   Deno.test({
     name:
       `preferences: ${s.file} gives ${s.pairs} pairs, ${s.skipped.length} skipped (auto = ${s.format})`,
-    ignore: !haveData,
     fn: async () => {
       const auto = await readPreferencePairs(DATA + s.file, "auto");
       assert.equal(auto.pairs.length, s.pairs);
@@ -182,7 +180,6 @@ for (const s of SHIPPED) {
 
 Deno.test({
   name: "preferences: shipped chat formats keep system and user turns in the prompt",
-  ignore: !haveData,
   fn: async () => {
     const orca = await readPreferencePairs(
       DATA + "orca-dpo-pairs-validation/validation.jsonl",
@@ -215,7 +212,6 @@ Deno.test({
 Deno.test({
   name:
     "preferences: HH prompt = shared prefix cut after the last \\n\\nAssistant: (shipped line 1)",
-  ignore: !haveData,
   fn: async () => {
     const { pairs } = await readPreferencePairs(
       DATA + "hh-rlhf-helpful-test/helpful-base.test.jsonl.gz",
