@@ -6,24 +6,25 @@
  * expected time, then awaits (spinning only for the rest).
  *
  * The expectation is learned per step size (a power-of-two bucket of the step's token count):
- * an exponential average of measured step times, slept at SLEEP_FRACTION of it. Oversleeping
- * corrects itself: a step that finished early is measured at the sleep length, so the average
- * shrinks by that fraction each step.
+ * the fastest of the last WINDOW measured step times, slept at SLEEP_FRACTION of it. The minimum
+ * ignores one-off slow steps (a first-use pipeline compile took seconds and, as an average,
+ * kept later steps oversleeping for minutes); oversleeping corrects itself at once, because a
+ * step that finished early is measured at the sleep length and becomes the new minimum.
  */
 const SLEEP_FRACTION = 0.8;
-const SMOOTHING = 0.3;
+const WINDOW = 8;
 
 export class ReadbackPacer {
-  private readonly expectedMs = new Map<number, number>();
+  private readonly recent = new Map<number, number[]>();
 
   constructor(readonly enabled: boolean) {}
 
   /** Sleeps for most of the expected time of a step of `tokens` tokens submitted at `submittedAt`. */
   async beforeWait(tokens: number, submittedAt: number): Promise<void> {
     if (!this.enabled) return;
-    const expected = this.expectedMs.get(bucket(tokens));
-    if (expected === undefined) return;
-    const remaining = SLEEP_FRACTION * expected - (performance.now() - submittedAt);
+    const times = this.recent.get(bucket(tokens));
+    if (times === undefined) return;
+    const remaining = SLEEP_FRACTION * Math.min(...times) - (performance.now() - submittedAt);
     if (remaining >= 1) await new Promise((resolve) => setTimeout(resolve, remaining));
   }
 
@@ -31,8 +32,10 @@ export class ReadbackPacer {
   record(tokens: number, ms: number): void {
     if (!this.enabled) return;
     const key = bucket(tokens);
-    const old = this.expectedMs.get(key);
-    this.expectedMs.set(key, old === undefined ? ms : old + SMOOTHING * (ms - old));
+    const times = this.recent.get(key) ?? [];
+    times.push(ms);
+    if (times.length > WINDOW) times.shift();
+    this.recent.set(key, times);
   }
 }
 
