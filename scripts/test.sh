@@ -9,14 +9,30 @@ source scripts/env.sh
 results=$(mktemp -d)
 filter=("$@")
 
+# A run killed by a signal (rc > 128) is run once more from scratch, and that run decides. Why:
+# Mesa's lavapipe (LLVM 15) has, rarely (about 1 run in 40 of a kernel-heavy test file), aborted
+# the process with glibc heap corruption ("malloc_consolidate(): invalid chunk size") while it
+# exits, after every test passed; it has not reproduced in isolation, on Dawn, or in any test.
+run_suite() { # name, then the deno test arguments
+  local name=$1 rc
+  shift
+  "$DENO" test -A --junit-path="$results/$name.xml" "$@"
+  rc=$?
+  if [ $rc -gt 128 ]; then
+    echo "== the $name test process died by signal $((rc - 128)); running it once more"
+    "$DENO" test -A --junit-path="$results/$name.xml" "$@"
+    rc=$?
+  fi
+  return $rc
+}
+
 echo "== deno test (all tests, backend wgpu)"
-MACE_BACKEND=wgpu "$DENO" test -A --junit-path="$results/wgpu.xml" tests/ "${filter[@]}"
+MACE_BACKEND=wgpu run_suite wgpu tests/ "${filter[@]}"
 wgpu_rc=$?
 
 echo "== deno test (GPU tests, backend dawn on SwiftShader)"
 mapfile -t gpu_tests < <(find tests -name '*.gpu.test.ts' | sort)
-MACE_BACKEND=dawn VK_ICD_FILENAMES="$SWIFTSHADER_ICD" \
-  "$DENO" test -A --junit-path="$results/dawn.xml" "${gpu_tests[@]}" "${filter[@]}"
+MACE_BACKEND=dawn VK_ICD_FILENAMES="$SWIFTSHADER_ICD" run_suite dawn "${gpu_tests[@]}" "${filter[@]}"
 dawn_rc=$?
 
 "$DENO" run -A scripts/summarize-junit.ts "$results/wgpu.xml" "$results/dawn.xml"
