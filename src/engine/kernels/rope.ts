@@ -4,7 +4,11 @@
  * src/shaders/rope.wgsl. It binds the serving path's invFreq uniform (createInvFreqUniform,
  * re-exported here), so both rotate with the same frequencies.
  */
-import code from "../../shaders/rope.wgsl" with { type: "text" };
+import kernelCode from "../../shaders/rope.wgsl" with { type: "text" };
+import ropeAngleCode from "../../shaders/rope_angle.wgsl" with { type: "text" };
+
+/** The shader with the shared angle helpers prepended (WGSL has no includes). */
+const code = `${ropeAngleCode}\n${kernelCode}`;
 import type { GpuContext } from "../gpu/context.ts";
 import { type BindingResource, Kernel } from "../gpu/kernel.ts";
 import { workgroupGrid } from "./grid.ts";

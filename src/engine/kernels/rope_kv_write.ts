@@ -4,7 +4,11 @@
  * qOut [T, H hd] and the rotated keys and the values into the K/V pools
  * [numBlocks, Hkv, BS, hd] at each token's (block, slot).
  */
-import code from "../../shaders/rope_kv_write.wgsl" with { type: "text" };
+import kernelCode from "../../shaders/rope_kv_write.wgsl" with { type: "text" };
+import ropeAngleCode from "../../shaders/rope_angle.wgsl" with { type: "text" };
+
+/** The shader with the shared angle helpers prepended (WGSL has no includes). */
+const code = `${ropeAngleCode}\n${kernelCode}`;
 import { createUniform } from "../gpu/buffers.ts";
 import type { GpuContext } from "../gpu/context.ts";
 import { type BindingResource, Kernel } from "../gpu/kernel.ts";
