@@ -1,15 +1,7 @@
 /** Seeded random data for tests (mulberry32 + Box-Muller): the same seed gives the same data. */
+import { rng } from "../../src/engine/training/seeded_random.ts";
 
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { rng };
 
 /** n normal(0, std) values as Float32Array. */
 export function randn(n: number, seed: number, std = 1): Float32Array {

@@ -8,26 +8,10 @@ import {
 } from "../../src/engine/gpu/buffers.ts";
 import { runPass } from "../../src/engine/gpu/kernel.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";
-import { assertClose, F32, type Tolerance } from "../helpers/tolerance.ts";
+import { FINITE_DIFFERENCE, numericGradient } from "../helpers/finite_difference.ts";
+import { assertClose, F32 } from "../helpers/tolerance.ts";
 import { randInts, randn } from "../helpers/random.ts";
 
-/**
- * Float64 central differences with step 1e-5: truncation error ~h^2 and cancellation ~1e-16 / h,
- * both far below 1e-7 of the gradient's scale.
- */
-const FINITE_DIFFERENCE: Tolerance = { rtol: 1e-7, atol: 1e-10 };
-
-function numericGradient(f: (x: Float64Array) => number, x: ArrayLike<number>, h = 1e-5) {
-  const point = Float64Array.from(x);
-  return point.map((v, i) => {
-    point[i] = v + h;
-    const up = f(point);
-    point[i] = v - h;
-    const down = f(point);
-    point[i] = v;
-    return (up - down) / (2 * h);
-  });
-}
 
 Deno.test("tokenLogprobsBackward reference matches finite differences of g * sum(logp)", () => {
   const [rows, vocab, rowOffset, g] = [3, 7, 2, -1.7];

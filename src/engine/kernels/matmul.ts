@@ -13,6 +13,7 @@ import matvecCode from "../../shaders/matvec.wgsl" with { type: "text" };
 import type { GpuContext } from "../gpu/context.ts";
 import { type BindingKind, type BindingResource, Kernel } from "../gpu/kernel.ts";
 import { workgroupGrid } from "./grid.ts";
+import type { GpuMatrix, MatrixChunk } from "../model/gpu_weights.ts";
 
 export interface LinearOptions {
   inFeatures: number;
@@ -155,4 +156,36 @@ export class MatMul {
       this.matmul.dispatch(pass, group, Math.ceil(N / TILE), Math.ceil(rows / TILE));
     }
   }
+}
+
+/** One row chunk of a weight with the MatMul that computes its columns of y, and its bias slice. */
+export interface ChunkLinear {
+  chunk: MatrixChunk;
+  matmul: MatMul;
+  bias: BindingResource | null;
+}
+
+/**
+ * y (=|+=) x W^T (+ bias) for a weight split into binding-sized row chunks: one MatMul per chunk,
+ * writing columns [chunk.rowStart, chunk.rowStart + chunk.rows) of y [rows, W rows].
+ */
+export function chunkLinears(
+  ctx: GpuContext,
+  m: GpuMatrix,
+  bias: GPUBuffer | null,
+  accumulate: boolean,
+): ChunkLinear[] {
+  return m.chunks.map((chunk) => ({
+    chunk,
+    matmul: new MatMul(ctx, {
+      inFeatures: m.cols,
+      outFeatures: chunk.rows,
+      outStride: m.rows,
+      outOffset: chunk.rowStart,
+      weight: m.dtype,
+      bias: bias !== null,
+      accumulate,
+    }),
+    bias: bias ? { buffer: bias, offset: chunk.rowStart * 4, size: chunk.rows * 4 } : null,
+  }));
 }

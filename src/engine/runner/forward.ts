@@ -28,7 +28,7 @@ import type { BindingResource } from "../gpu/kernel.ts";
 import { type ModelConfig, ropeInvFreq } from "../model/config.ts";
 import type { GpuMatrix, GpuWeights } from "../model/gpu_weights.ts";
 import { RmsNorm } from "../kernels/rms_norm.ts";
-import { MatMul } from "../kernels/matmul.ts";
+import { chunkLinears } from "../kernels/matmul.ts";
 import { Embedding } from "../kernels/embedding.ts";
 import { SwiGlu } from "../kernels/swiglu.ts";
 import { AttentionDecode, AttentionPrefill } from "../kernels/attention.ts";
@@ -169,17 +169,7 @@ export function buildForward(inputs: ForwardInputs): Forward {
     rows: "tokens" | "sampledSeqs",
   ) => {
     const params = rows === "tokens" ? tokensUniform : seqsUniform;
-    for (const chunk of m.chunks) {
-      const mm = new MatMul(ctx, {
-        inFeatures: m.cols,
-        outFeatures: chunk.rows,
-        outStride: m.rows,
-        outOffset: chunk.rowStart,
-        weight: m.dtype,
-        bias: bias !== null,
-        accumulate,
-      });
-      const biasSlice = bias ? { buffer: bias, offset: chunk.rowStart * 4, size: chunk.rows * 4 } : null;
+    for (const { chunk, matmul: mm, bias: biasSlice } of chunkLinears(ctx, m, bias, accumulate)) {
       const group = mm.bind(params, x, chunk.buffer, biasSlice, y);
       add(rows === "tokens" ? "matmul" : "lm_head", (pass, n) => mm.encode(pass, group, n[rows]), (n) => ({
         // The weights are read only when the dispatch has rows to compute.

@@ -28,7 +28,7 @@ import type { GpuMatrix, GpuWeights } from "../model/gpu_weights.ts";
 import type { LoraTarget } from "../lora/lora.ts";
 import { Embedding } from "../kernels/embedding.ts";
 import { RmsNorm } from "../kernels/rms_norm.ts";
-import { MatMul } from "../kernels/matmul.ts";
+import { chunkLinears } from "../kernels/matmul.ts";
 import { SwiGlu } from "../kernels/swiglu.ts";
 import { createInvFreqUniform } from "../kernels/rope_kv_write.ts";
 import { MatMulNN } from "../kernels/matmul_nn.ts";
@@ -317,19 +317,10 @@ export class TrainingGraph {
     y: BindingResource,
     accumulate: boolean,
   ) {
-    m.chunks.forEach((chunk, i) => {
-      const mm = this.#wrapper(MatMul, {
-        inFeatures: m.cols,
-        outFeatures: chunk.rows,
-        outStride: m.rows,
-        outOffset: chunk.rowStart,
-        weight: m.dtype,
-        bias: bias !== null,
-        accumulate,
-      });
-      const biasSlice = bias ? { buffer: bias, offset: chunk.rowStart * 4, size: chunk.rows * 4 } : null;
-      const group = this.#group(`${key}.${i}.${s.rows.label}`, () => mm.bind(params, x, chunk.buffer, biasSlice, y));
-      mm.encode(pass, group, rows);
+    const linears = this.#group(`${key}.linears`, () => chunkLinears(this.ctx, m, bias, accumulate));
+    linears.forEach(({ chunk, matmul, bias: biasSlice }, i) => {
+      const group = this.#group(`${key}.${i}.${s.rows.label}`, () => matmul.bind(params, x, chunk.buffer, biasSlice, y));
+      matmul.encode(pass, group, rows);
     });
   }
 
