@@ -183,7 +183,10 @@ export class DpoTrainer {
     this.stepCount = 0;
   }
 
-  /** The slices of one optimizer step over `pairs`, `layersPerSlice` layers per backward slice. */
+  /**
+   * Makes `pairs` the step in progress and returns its slices, `layersPerSlice` layers per
+   * backward slice; run them in order with runSlice (other work may run between them).
+   */
   planStep(pairs: TrainingPair[], layersPerSlice = this.model.numLayers): TrainingSlice[] {
     this.#begin(pairs);
     const L = this.model.numLayers;

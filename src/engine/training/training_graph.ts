@@ -192,8 +192,9 @@ export class TrainingGraph {
         return b;
       })
       : [];
-    this.bytes = this.#owned.reduce((sum, b) => sum + b.size, 0);
-    this.#kernels = makeKernels(ctx, config, weights, lora.config.rank, maxTokens);
+    this.#kernels = makeKernels(ctx, config, weights, maxTokens);
+    // The attention backward's own scratch: f32 [H, maxT].
+    this.bytes = this.#owned.reduce((sum, b) => sum + b.size, 0) + c.numHeads * T * 4;
   }
 
   /**
@@ -447,7 +448,7 @@ export class TrainingGraph {
 
   /** logits[rows, V] of head chunk `index`: rmsnorm(x_L rows) Wlm^T. */
   #headLogits(pass: GPUComputePassEncoder, s: SequenceSlot, index: number, rows: number) {
-    const k = this.#kernels, D = this.#c.hiddenSize;
+    const k = this.#kernels;
     const params = s.chunkParams[index];
     const xL = this.#chunkRows(s.checkpoints[this.#c.numLayers], index);
     k.norm.encode(
@@ -456,7 +457,6 @@ export class TrainingGraph {
       rows,
     );
     this.#linear(pass, `head.lm.${index}`, s, params, rows, this.#last, this.weights.lmHead, null, this.#logits, false);
-    void D;
   }
 
   /** Rows [64 index, 64 index + 64) of a [maxT, D] buffer, as a binding. */
@@ -663,13 +663,14 @@ export class TrainingGraph {
   }
 
   destroy(): void {
+    this.#kernels.attentionBackward.destroy();
     for (const b of this.#owned) b.destroy();
     this.#groups.clear();
   }
 }
 
 /** The kernels whose shape depends only on the model (one instance each). */
-function makeKernels(ctx: GpuContext, c: ModelConfig, w: GpuWeights, rank: number, maxTokens: number) {
+function makeKernels(ctx: GpuContext, c: ModelConfig, w: GpuWeights, maxTokens: number) {
   const D = c.hiddenSize, I = c.intermediateSize, hd = c.headDim;
   const H = c.numHeads, Hkv = c.numKvHeads, qkvCols = (H + 2 * Hkv) * hd;
   const attnShape = { numHeads: H, numKvHeads: Hkv, headDim: hd, maxTokens };
@@ -689,7 +690,6 @@ function makeKernels(ctx: GpuContext, c: ModelConfig, w: GpuWeights, rank: numbe
     attention: new AttentionTrainForward(ctx, attnShape),
     attentionBackward: new AttentionTrainBackward(ctx, attnShape),
     logprobs: new TokenLogprobs(ctx, { vocabSize: c.vocabSize }),
-    rank,
   };
 }
 
