@@ -78,3 +78,15 @@ export class UnknownAdapterError extends MaceError {
     );
   }
 }
+
+/**
+ * A request-arrival trace (Azure LLM inference CSV, ShareGPT lengths CSV) is missing or has a
+ * malformed row. Traces are published data read whole, so a bad row means a wrong or damaged file:
+ * it is reported with its line (1-based; absent for whole-file problems), never skipped.
+ */
+export class TraceFormatError extends MaceError {
+  override readonly code = "trace_format";
+  constructor(readonly file: string, readonly detail: string, readonly line?: number) {
+    super(`${file}${line !== undefined ? `:${line}` : ""}: ${detail}`);
+  }
+}
