@@ -9,30 +9,34 @@ source scripts/env.sh
 results=$(mktemp -d)
 filter=("$@")
 
-# A run killed by a signal (rc > 128) is run once more from scratch, and that run decides. Why:
-# Mesa's lavapipe (LLVM 15) has, rarely (about 1 run in 40 of a kernel-heavy test file), aborted
-# the process with glibc heap corruption ("malloc_consolidate(): invalid chunk size") while it
-# exits, after every test passed; it has not reproduced in isolation, on Dawn, or in any test.
-run_suite() { # name, then the deno test arguments
-  local name=$1 rc
-  shift
-  "$DENO" test -A --junit-path="$results/$name.xml" "$@"
+# Each test process runs under a time limit; one killed by a signal (rc > 128: a crash, or the
+# limit) is run once more from scratch, and that run decides. Why:
+# - Mesa's lavapipe (LLVM 15) has, rarely (about 1 run in 40 of a kernel-heavy test file),
+#   aborted the process with glibc heap corruption ("malloc_consolidate(): invalid chunk size")
+#   while it exits, after every test passed.
+# - Dawn's Node bindings under Deno sometimes stop delivering GPU callbacks: the process sits
+#   idle (every thread in epoll_wait, the emulated GPU done) for minutes, rarely longer; the
+#   long-step batching tests hit it most. A normal Dawn run takes under 10 minutes here.
+run_suite() { # name, time limit in seconds, then the deno test arguments
+  local name=$1 limit=$2 rc
+  shift 2
+  timeout --signal=KILL "$limit" "$DENO" test -A --junit-path="$results/$name.xml" "$@"
   rc=$?
   if [ $rc -gt 128 ]; then
-    echo "== the $name test process died by signal $((rc - 128)); running it once more"
-    "$DENO" test -A --junit-path="$results/$name.xml" "$@"
+    echo "== the $name test process died by signal $((rc - 128)) (9: over its ${limit} s limit); running it once more"
+    timeout --signal=KILL "$limit" "$DENO" test -A --junit-path="$results/$name.xml" "$@"
     rc=$?
   fi
   return $rc
 }
 
 echo "== deno test (all tests, backend wgpu)"
-MACE_BACKEND=wgpu run_suite wgpu tests/ "${filter[@]}"
+MACE_BACKEND=wgpu run_suite wgpu 900 tests/ "${filter[@]}"
 wgpu_rc=$?
 
 echo "== deno test (GPU tests, backend dawn on SwiftShader)"
 mapfile -t gpu_tests < <(find tests -name '*.gpu.test.ts' | sort)
-MACE_BACKEND=dawn VK_ICD_FILENAMES="$SWIFTSHADER_ICD" run_suite dawn "${gpu_tests[@]}" "${filter[@]}"
+MACE_BACKEND=dawn VK_ICD_FILENAMES="$SWIFTSHADER_ICD" run_suite dawn 1200 "${gpu_tests[@]}" "${filter[@]}"
 dawn_rc=$?
 
 "$DENO" run -A scripts/summarize-junit.ts "$results/wgpu.xml" "$results/dawn.xml"
