@@ -24,6 +24,7 @@ import { GradSquareSum } from "../kernels/grad_norm.ts";
 import { AdamW, adamwParams, Sgd, sgdParams } from "../kernels/optimizer.ts";
 import { LoraParams } from "./lora_params.ts";
 import { TrainingGraph } from "./training_graph.ts";
+import { planDpoSlices, type TrainingSlice } from "./slice_plan.ts";
 
 /** A tokenized preference pair: prompt (with BOS), responses (each ending in EOS unless truncated). */
 export interface TrainingPair {
@@ -60,11 +61,7 @@ export const DEFAULT_DPO_OPTIONS: DpoOptions = {
   maxLength: 256,
 };
 
-export type TrainingSlice =
-  | { kind: "reference"; pair: number }
-  | { kind: "forward"; pair: number }
-  | { kind: "backward"; pair: number; fromLayer: number; toLayer: number }
-  | { kind: "optimizer" };
+export type { TrainingSlice };
 
 export interface PairStats {
   loss: number;
@@ -189,20 +186,7 @@ export class DpoTrainer {
    */
   planStep(pairs: TrainingPair[], layersPerSlice = this.model.numLayers): TrainingSlice[] {
     this.#begin(pairs);
-    const L = this.model.numLayers;
-    const per = Math.max(1, Math.min(L, Math.floor(layersPerSlice)));
-    const slices: TrainingSlice[] = [];
-    pairs.forEach((p, j) => {
-      if (!this.#refCache.has(pairKey(p))) slices.push({ kind: "reference", pair: j });
-    });
-    pairs.forEach((_, j) => {
-      slices.push({ kind: "forward", pair: j });
-      for (let hi = L; hi > 0; hi -= per) {
-        slices.push({ kind: "backward", pair: j, fromLayer: hi, toLayer: Math.max(0, hi - per) });
-      }
-    });
-    slices.push({ kind: "optimizer" });
-    return slices;
+    return planDpoSlices(pairs.map((p) => this.#refCache.has(pairKey(p))), this.model.numLayers, layersPerSlice);
   }
 
   #begin(pairs: TrainingPair[]) {
@@ -363,6 +347,16 @@ export class DpoTrainer {
   async step(pairs: TrainingPair[], layersPerSlice?: number): Promise<StepStats> {
     for (const slice of this.planStep(pairs, layersPerSlice)) await this.runSlice(slice);
     return summarize(this.stepCount, await this.#readPairStats(pairs.length));
+  }
+
+  /** Loss and rewards of each pair of the step whose slices were just run (one readback). */
+  async readStepStats(): Promise<StepStats> {
+    return summarize(this.stepCount, await this.#readPairStats(this.#pairs.length));
+  }
+
+  /** True when the reference log-probs of `pair` are cached (no reference slice needed). */
+  hasReference(pair: TrainingPair): boolean {
+    return this.#refCache.has(pairKey(pair));
   }
 
   /** Loss and rewards of each pair of the step just run (one readback). */

@@ -1,0 +1,102 @@
+/**
+ * The one typed interface every caller uses to drive the engine (the CLI, the HTTP service, the
+ * browser demo): implemented by MaceEngine (src/host/mace_engine.ts) in-process, and across a
+ * worker boundary by the comlink client (src/worker/engine_client.ts). Arguments and results are
+ * structured-cloneable; callbacks cross the boundary as comlink proxies. Errors keep their class
+ * (a MaceError subclass) across the boundary.
+ */
+import type { SamplingParams } from "../engine/step.ts";
+import type { LoraWeights } from "../engine/lora/lora.ts";
+import type { MetricsSummary } from "../scheduler/metrics.ts";
+import type { RequestOutput } from "../scheduler/request.ts";
+
+export interface EngineInfo {
+  model: string;
+  /** "wgpu" (Deno's WebGPU) or "dawn" (the webgpu package). */
+  backend: string;
+  /** The adapter, in words. */
+  device: string;
+  /** The scheduling policy (mace, inference-only, periodic, synchronous, fcfs). */
+  policy: string;
+  /** Longest prompt + output in tokens. */
+  maxContext: number;
+  vocabSize: number;
+  eosIds: number[];
+}
+
+export interface GenerateRequest {
+  /** Token ids, BOS included. */
+  prompt: number[];
+  maxTokens: number;
+  /** Default greedy. */
+  sampling?: Partial<SamplingParams>;
+  /** A published adapter: a name (its newest version) or a versioned id ("name@2"). */
+  adapter?: string;
+  /** The caller's id for cancel(); default: one is made up. Must not be in use. */
+  requestId?: string;
+}
+
+export interface GenerateResult extends RequestOutput {
+  requestId: string;
+  /** True when cancel() ended it (tokens are those produced before). */
+  cancelled: boolean;
+  /** The adapter version it ran on, if any. */
+  adapterId?: string;
+}
+
+/** A preference pair as token ids: prompt (BOS included), chosen and rejected responses. */
+export interface FeedbackPair {
+  prompt: number[];
+  chosen: number[];
+  rejected: number[];
+}
+
+export interface FeedbackReceipt {
+  /** Pairs queued for fine-tuning. */
+  accepted: number;
+  /** Pairs waiting for their first training, this call's included. */
+  untrained: number;
+}
+
+export interface AdapterInfo {
+  /** Versioned id, "name@N". */
+  id: string;
+  name: string;
+  version: number;
+  /** Requests running on it now. */
+  users: number;
+  /** True for the version new requests by name get. */
+  newest: boolean;
+}
+
+export interface EngineMetrics {
+  summary: MetricsSummary;
+  /** The cost model's prediction error over the steps run so far. */
+  prediction: {
+    steps: number;
+    meanAbsErrorMs: number | null;
+    meanAbsPercentError: number | null;
+    totalBias: number | null;
+  };
+  /** Optimizer steps taken by the fine-tuner. */
+  optimizerSteps: number;
+  /** The adapter version the fine-tuner published last (null before the first). */
+  publishedAdapter: string | null;
+}
+
+export interface Engine {
+  info(): Promise<EngineInfo>;
+  /** Generates alongside every other request; `onToken` gets each token as it is known. */
+  generate(request: GenerateRequest, onToken?: (token: number) => void): Promise<GenerateResult>;
+  /** Ends a running or queued request (its generate() resolves with cancelled: true). */
+  cancel(requestId: string): Promise<boolean>;
+  /** Queues preference pairs for continuous fine-tuning. Invalid pairs reject the whole call. */
+  submitFeedback(pairs: FeedbackPair[]): Promise<FeedbackReceipt>;
+  adapters(): Promise<AdapterInfo[]>;
+  /** Publishes a new version of adapter `name`; returns its id ("name@N"). */
+  publishAdapter(name: string, weights: LoraWeights): Promise<string>;
+  /** Metrics from the engine's start up to now, with these SLOs. */
+  metrics(slo?: { ttftMs?: number; tbtMs?: number }): Promise<EngineMetrics>;
+  /** Finishes or cancels what runs and frees the GPU. */
+  close(): Promise<void>;
+}
