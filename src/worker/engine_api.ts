@@ -100,3 +100,34 @@ export interface Engine {
   /** Finishes or cancels what runs and frees the GPU. */
   close(): Promise<void>;
 }
+
+/** How to build an engine (MaceEngine.create, or the worker's first message). Plain data. */
+export interface EngineOptions {
+  /** Model path: a Hugging Face folder or a llama2.c checkpoint; default: the bundled model. */
+  model?: string;
+  /** Tokenizer override (a tokenizer.json folder or a llama2.c tokenizer .bin). */
+  tokenizer?: string;
+  backend?: "auto" | "wgpu" | "dawn" | "browser";
+  /** mace (default), inference-only, periodic, synchronous or fcfs. */
+  policy?: string;
+  /** Cost profile JSON path; default: the shipped profile for the bundled model. */
+  profile?: string;
+  ttftSloMs?: number;
+  tbtSloMs?: number;
+  /** Longest prompt + output in tokens (default: the model's context, at most 2048). */
+  maxContext?: number;
+  finetune?: {
+    rank?: number;
+    alpha?: number;
+    targets?: string[];
+    learningRate?: number;
+    beta?: number;
+    /** Pairs per optimizer step. */
+    pairsPerStep?: number;
+    /** Publish a new adapter version every K optimizer steps. */
+    publishEvery?: number;
+    /** Name of the adapter the fine-tuner publishes. */
+    adapterName?: string;
+    seed?: number;
+  };
+}
