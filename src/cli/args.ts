@@ -26,4 +26,4 @@ export function numberFlag(
   return n;
 }
 
-export const DEFAULT_MODEL = new URL("../../models/stories260K", import.meta.url).pathname;
+export { BUNDLED_MODEL as DEFAULT_MODEL } from "../host/defaults.ts";

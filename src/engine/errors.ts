@@ -90,3 +90,11 @@ export class TraceFormatError extends MaceError {
     super(`${file}${line !== undefined ? `:${line}` : ""}: ${detail}`);
   }
 }
+
+/** A cost profile (`mace profile` output) is missing, unreadable or malformed. */
+export class ProfileFormatError extends MaceError {
+  override readonly code = "profile_format";
+  constructor(readonly file: string, readonly detail: string) {
+    super(`${file}: ${detail}`);
+  }
+}

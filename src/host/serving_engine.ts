@@ -14,7 +14,7 @@ import { EngineLoop, type EngineLoopOptions } from "../scheduler/engine_loop.ts"
 import type { RequestOutput } from "../scheduler/request.ts";
 import type { PruningPolicy } from "../scheduler/kv_pruning.ts";
 import type { LoraWeights } from "../engine/lora/lora.ts";
-import { InvalidRequestError, UnknownAdapterError } from "../engine/errors.ts";
+import { AdapterVersions } from "./adapter_versions.ts";
 
 export interface ServingOptions extends RunnerOptions, EngineLoopOptions {
   /** Share KV blocks between requests with a common prefix (default on). */
@@ -39,26 +39,18 @@ export interface SubmitOptions {
   adapter?: string;
 }
 
-/** A published adapter version, resident in the runner while it is the newest or in use. */
-interface AdapterVersion {
-  name: string;
-  /** Requests submitted on it and not settled yet. */
-  users: number;
-}
-
 export class ServingEngine {
   private nextRequestId = 0;
-  /** Adapter name -> its newest version number. */
-  private readonly newestVersion = new Map<string, number>();
-  /** Resident versioned ids ("name@N"). */
-  private readonly versions = new Map<string, AdapterVersion>();
+  private readonly versions: AdapterVersions;
 
   private constructor(
     readonly runner: ModelRunner,
     readonly blockManager: BlockManager,
     readonly loop: EngineLoop,
     private readonly eosIds: readonly number[],
-  ) {}
+  ) {
+    this.versions = new AdapterVersions(runner, blockManager);
+  }
 
   static async create(
     ctx: GpuContext,
@@ -97,24 +89,12 @@ export class ServingEngine {
    * AdapterPoolFullError when every slot holds a version in use.
    */
   publishAdapter(name: string, weights: LoraWeights): string {
-    if (typeof name !== "string" || name.length === 0 || name.includes("@")) {
-      throw new InvalidRequestError(`adapter name "${name}" must be non-empty and without "@"`);
-    }
-    // Validate before freeing anything, so a rejected adapter leaves the published ones in place.
-    this.runner.adapterPool?.validate(weights);
-    for (const [id, version] of this.versions) {
-      if (version.name === name && version.users === 0) this.unload(id);
-    }
-    const id = `${name}@${(this.newestVersion.get(name) ?? 0) + 1}`;
-    this.runner.loadAdapter(id, weights);
-    this.newestVersion.set(name, (this.newestVersion.get(name) ?? 0) + 1);
-    this.versions.set(id, { name, users: 0 });
-    return id;
+    return this.versions.publish(name, weights);
   }
 
   /** Resident adapter versions ("name@N"): the newest of each name plus older ones still in use. */
   get adapters(): string[] {
-    return [...this.versions.keys()];
+    return this.versions.list().map((v) => v.id);
   }
 
   /**
@@ -125,7 +105,7 @@ export class ServingEngine {
     let adapterId: string | undefined;
     if (options.adapter !== undefined) {
       try {
-        adapterId = this.resolveAdapter(options.adapter);
+        adapterId = this.versions.resolve(options.adapter);
       } catch (error) {
         return Promise.reject(error);
       }
@@ -142,34 +122,12 @@ export class ServingEngine {
     });
     if (adapterId !== undefined) {
       const id = adapterId;
-      this.versions.get(id)!.users++;
+      this.versions.acquire(id);
       // Registered before the caller's handlers, so a superseded version is gone when they run.
-      const release = () => this.release(id);
+      const release = () => this.versions.release(id);
       output.then(release, release);
     }
     return output;
-  }
-
-  /** The versioned id a request on `adapter` (a name or a resident versioned id) runs on. */
-  private resolveAdapter(adapter: string): string {
-    if (this.versions.has(adapter)) return adapter;
-    const newest = this.newestVersion.get(adapter);
-    if (newest !== undefined) return `${adapter}@${newest}`;
-    throw new UnknownAdapterError(adapter, [...this.newestVersion.keys(), ...this.versions.keys()]);
-  }
-
-  private release(id: string): void {
-    const version = this.versions.get(id)!;
-    version.users--;
-    const newest = `${version.name}@${this.newestVersion.get(version.name)}`;
-    if (version.users === 0 && id !== newest) this.unload(id);
-  }
-
-  /** Frees a version's adapter slot and the prefix-cache blocks computed with it. */
-  private unload(id: string): void {
-    this.runner.unloadAdapter(id);
-    this.blockManager.dropAdapter(id);
-    this.versions.delete(id);
   }
 
   destroy(): void {

@@ -48,6 +48,12 @@ interface StepEntry {
   sample: boolean;
 }
 
+/** A request a policy put into a step, and the most tokens it may compute in it. */
+export interface StepPick {
+  request: RequestState;
+  maxTokens: number;
+}
+
 export interface ScheduledStep {
   id: number;
   plan: StepPlan;
@@ -106,8 +112,26 @@ export class BatchScheduler {
     return this.waiting.length > 0 || this.running.length > 0;
   }
 
-  /** The next step, or null when nothing can run until an in-flight step returns. */
-  schedule(): ScheduledStep | null {
+  /** Queued requests not admitted yet, in arrival order (preempted ones first). */
+  get waitingRequests(): readonly RequestState[] {
+    return this.waiting;
+  }
+
+  /** Admitted requests, in admission order. */
+  get runningRequests(): readonly RequestState[] {
+    return this.running;
+  }
+
+  /**
+   * The next step, or null when nothing can run until an in-flight step returns.
+   *
+   * Without `picks`: first come first served (decodes, then running prefills, then admissions in
+   * arrival order) under the step's token budget. With `picks` (a policy chose the step's work,
+   * e.g. the MACE packer): exactly those requests, in that order, each computing at most its
+   * `maxTokens` (waiting ones are admitted out of order); a pick that cannot run now (KV pool
+   * full, nothing to compute) is left out.
+   */
+  schedule(picks?: readonly StepPick[]): ScheduledStep | null {
     const id = this.nextStepId;
     const { maxTokensPerStep, maxSeqsPerStep } = this.options;
     const entries: StepEntry[] = [];
@@ -115,9 +139,9 @@ export class BatchScheduler {
     let budget = maxTokensPerStep;
     const inStep = new Set<RequestState>();
 
-    const tryAdd = (req: RequestState): void => {
+    const tryAdd = (req: RequestState, limit = budget): void => {
       if (entries.length >= maxSeqsPerStep || budget === 0 || inStep.has(req)) return;
-      const work = this.nextChunk(req, id, budget);
+      const work = this.nextChunk(req, id, Math.min(budget, limit));
       if (!work) return;
       if (!this.reserveSlots(req, work.start + work.count, inStep, copies)) return;
       entries.push({ request: req, admission: this.admissions.get(req)!, ...work });
@@ -130,14 +154,19 @@ export class BatchScheduler {
       }
     };
 
-    const needsOneToken = (req: RequestState) => req.length - req.numScheduled === 1;
-    for (const req of [...this.running]) if (needsOneToken(req)) tryAdd(req);
-    for (const req of [...this.running]) if (!needsOneToken(req)) tryAdd(req);
-    while (this.waiting.length > 0 && entries.length < maxSeqsPerStep && budget > 0) {
-      const req = this.waiting[0];
-      if (!this.admit(req)) break;
-      this.waiting.shift();
-      tryAdd(req);
+    if (picks) {
+      for (const { request, maxTokens } of picks) {
+        if (request.finished || (!this.admissions.has(request) && !this.admitWaiting(request))) continue;
+        tryAdd(request, maxTokens);
+      }
+    } else {
+      const needsOneToken = (req: RequestState) => req.length - req.numScheduled === 1;
+      for (const req of [...this.running]) if (needsOneToken(req)) tryAdd(req);
+      for (const req of [...this.running]) if (!needsOneToken(req)) tryAdd(req);
+      while (this.waiting.length > 0 && entries.length < maxSeqsPerStep && budget > 0) {
+        if (!this.admitWaiting(this.waiting[0])) break;
+        tryAdd(this.running[this.running.length - 1]);
+      }
     }
     if (entries.length === 0) return null;
     this.nextStepId++;
@@ -231,6 +260,14 @@ export class BatchScheduler {
     }
   }
 
+  /** Admits a waiting request (anywhere in the queue); false if the KV pool cannot take it now. */
+  private admitWaiting(req: RequestState): boolean {
+    const index = this.waiting.indexOf(req);
+    if (index < 0 || !this.admit(req)) return false;
+    this.waiting.splice(index, 1);
+    return true;
+  }
+
   /** Allocates KV blocks for a waiting request (prefix hit included); false if the pool is full. */
   private admit(req: RequestState): boolean {
     const tokens = req.knownTokens;
@@ -297,6 +334,23 @@ export class BatchScheduler {
 
   private budgetOf(req: RequestState): number {
     return req.request.kvBudget ?? this.options.kvBudget ?? 0;
+  }
+
+  /**
+   * Ends a live request now: a running one frees its blocks (results of its steps still in flight
+   * are ignored), a waiting one leaves the queue. Returns it, or null if no live request has `id`.
+   */
+  cancel(id: number, now: number): RequestState | null {
+    const waitingIndex = this.waiting.findIndex((r) => r.id === id);
+    const req = waitingIndex >= 0 ? this.waiting.splice(waitingIndex, 1)[0] : this.running.find((r) => r.id === id);
+    if (!req) return null;
+    if (this.admissions.has(req)) {
+      this.options.blockManager.free(req.id);
+      this.running.splice(this.running.indexOf(req), 1);
+      this.admissions.delete(req);
+    }
+    req.cancel(now);
+    return req;
   }
 
   /** Drops every request and frees its blocks (after a failed step). */

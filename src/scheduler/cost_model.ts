@@ -11,7 +11,7 @@
  * Memory: KV blocks come from the block manager exactly; a fine-tuning slice is charged the
  * activation bytes its tokens need (profile.memory.trainBytesPerToken).
  */
-import { InvalidRequestError } from "../engine/errors.ts";
+import { ProfileFormatError } from "../engine/errors.ts";
 import type { StepPlan } from "../engine/step.ts";
 import type { TrainingSlice } from "../engine/training/slice_plan.ts";
 
@@ -100,14 +100,10 @@ export interface CostProfile {
   measuredAt: string;
 }
 
-export class ProfileFormatError extends InvalidRequestError {
-  override readonly code = "profile_format";
-}
-
 /** Checks a parsed profile; throws ProfileFormatError naming the first bad field. */
 export function validateProfile(value: unknown, file = "<profile>"): CostProfile {
   const bad = (what: string) =>
-    new ProfileFormatError(`${file}: ${what}; re-run \`deno task mace profile\` to write a valid profile`);
+    new ProfileFormatError(file, `${what}; re-run \`deno task mace profile\` to write a valid profile`);
   if (typeof value !== "object" || value === null) throw bad("not a JSON object");
   const p = value as Partial<CostProfile>;
   if (p.schema !== "mace.profile.v1") throw bad(`schema is ${JSON.stringify(p.schema)}, expected "mace.profile.v1"`);
@@ -137,35 +133,47 @@ export interface CostSample {
 }
 
 /**
- * Least-squares coefficients for samples, with a small ridge toward zero so features the samples
- * never exercise stay at 0 instead of blowing up. Negative coefficients are clamped to 0: every
- * feature is work, and a negative cost would let the packer add work to make a step shorter.
+ * Least-squares coefficients for samples, with a small ridge so features the samples never
+ * exercise stay at 0 instead of blowing up; non-negative (see solveNonNegative).
  */
 export function fitCoefficients(samples: readonly CostSample[], ridge = 1e-6): Record<Feature, number> {
   const n = FEATURES.length;
-  const active = new Array<boolean>(n).fill(true);
-  let beta = new Array<number>(n).fill(0);
-  // Active-set refit: drop features whose coefficient comes out negative, refit the rest.
-  for (let round = 0; round < n; round++) {
-    const ata = Array.from({ length: n }, () => new Array<number>(n).fill(0));
-    const atb = new Array<number>(n).fill(0);
-    for (const { shape, ms } of samples) {
-      const x = features(shape).map((v, i) => (active[i] ? v : 0));
-      for (let i = 0; i < n; i++) {
-        atb[i] += x[i] * ms;
-        for (let j = 0; j < n; j++) ata[i][j] += x[i] * x[j];
-      }
-    }
-    for (let i = 0; i < n; i++) ata[i][i] += ridge * (1 + ata[i][i]);
-    beta = solve(ata, atb);
-    const negative = beta.findIndex((b, i) => active[i] && b < 0);
-    if (negative < 0) break;
-    active[negative] = false;
+  const ata = Array.from({ length: n }, () => new Array<number>(n).fill(0));
+  const atb = new Array<number>(n).fill(0);
+  for (const { shape, ms } of samples) addOuter(ata, atb, features(shape), ms, 1);
+  for (let i = 0; i < n; i++) ata[i][i] += ridge * (1 + ata[i][i]);
+  const beta = solveNonNegative(ata, atb);
+  return Object.fromEntries(FEATURES.map((f, i) => [f, beta[i]])) as Record<Feature, number>;
+}
+
+/** ata += w·x·xᵀ, atb += w·x·y. */
+function addOuter(ata: number[][], atb: number[], x: readonly number[], y: number, w: number): void {
+  for (let i = 0; i < x.length; i++) {
+    if (x[i] === 0) continue;
+    atb[i] += w * x[i] * y;
+    for (let j = 0; j < x.length; j++) ata[i][j] += w * x[i] * x[j];
   }
-  return Object.fromEntries(FEATURES.map((f, i) => [f, active[i] ? Math.max(0, beta[i]) : 0])) as Record<
-    Feature,
-    number
-  >;
+}
+
+/**
+ * argmin ‖Aθ - b‖ over θ ≥ 0 given the normal equations (ata, atb), by an active set: features
+ * whose coefficient comes out negative are fixed at 0 and the rest refit. Every feature is work,
+ * and a negative cost would let the packer add work to make a step shorter.
+ */
+function solveNonNegative(ata: readonly number[][], atb: readonly number[]): number[] {
+  const n = atb.length;
+  const active = new Array<boolean>(n).fill(true);
+  for (let round = 0; round <= n; round++) {
+    const idx = active.flatMap((a, i) => (a ? [i] : []));
+    const sub = solve(idx.map((i) => idx.map((j) => ata[i][j])), idx.map((i) => atb[i]));
+    const beta = new Array<number>(n).fill(0);
+    idx.forEach((i, k) => (beta[i] = sub[k]));
+    const negative = idx.filter((i) => beta[i] < 0);
+    if (negative.length === 0) return beta;
+    // Drop the most negative one and refit.
+    active[negative.reduce((a, b) => (beta[a] < beta[b] ? a : b))] = false;
+  }
+  return new Array<number>(n).fill(0);
 }
 
 /** Gaussian elimination with partial pivoting; a (n×n) is consumed. */
@@ -195,11 +203,11 @@ function solve(a: number[][], b: number[]): number[] {
 export interface CostModelOptions {
   /** Follow measured step times online (default true). */
   online?: boolean;
-  /** RLS forgetting factor: weight of the past per observation (default 0.995, ~200-step memory). */
+  /** Forgetting factor: weight of the past per observation (default 0.995, ~200-step memory). */
   forgetting?: number;
   /**
-   * Confidence in the profile, as a count of pseudo-observations per feature unit (default 20):
-   * the larger, the more measured steps it takes to move a coefficient.
+   * Confidence in the profile, as a number of observations (default 20): the more, the more
+   * measured steps it takes to move a coefficient away from the profile.
    */
   priorWeight?: number;
 }
@@ -214,16 +222,26 @@ export interface PredictionError {
   totalBias: number | null;
 }
 
+/**
+ * Online, the coefficients minimize Σ_k λ^(n-k) (x_k·θ - y_k)² + Σ_i w·d_i (θ_i - θ0_i)² over
+ * θ ≥ 0: exponentially forgotten least squares on the measured steps, pulled toward the profile
+ * θ0 with the weight of `priorWeight` typical observations (d_i: the forgotten mean of x_i², so
+ * the pull is in each feature's own units; a feature never seen keeps its profile value). Solved
+ * exactly from the 10×10 normal equations after every observation: unlike recursive least
+ * squares it cannot lose positive definiteness, whatever the feature scales.
+ */
 export class CostModel {
   readonly memory: ProfileMemory;
   readonly numLayers: number;
   private theta: number[];
-  /** RLS inverse covariance P (n×n). */
-  private readonly p: number[][];
+  private readonly prior: number[];
+  private readonly ata: number[][];
+  private readonly atb: number[];
+  /** Σ λ^k: the forgotten number of observations. */
+  private weight = 0;
   private readonly online: boolean;
   private readonly lambda: number;
-  /** Largest variance a coefficient may reach: forgetting must not inflate unexcited ones. */
-  private readonly pMax: number;
+  private readonly priorWeight: number;
   private absErr = 0;
   private absPct = 0;
   private sumPred = 0;
@@ -233,12 +251,13 @@ export class CostModel {
   constructor(readonly profile: CostProfile, options: CostModelOptions = {}) {
     this.memory = profile.memory;
     this.numLayers = profile.numLayers;
-    this.theta = FEATURES.map((f) => profile.coefficients[f]);
+    this.prior = FEATURES.map((f) => profile.coefficients[f]);
+    this.theta = [...this.prior];
     this.online = options.online ?? true;
     this.lambda = options.forgetting ?? 0.995;
-    const prior = options.priorWeight ?? 20;
-    this.pMax = 1 / prior;
-    this.p = FEATURES.map((_, i) => FEATURES.map((_, j) => (i === j ? this.pMax : 0)));
+    this.priorWeight = options.priorWeight ?? 20;
+    this.ata = FEATURES.map(() => new Array<number>(FEATURES.length).fill(0));
+    this.atb = new Array<number>(FEATURES.length).fill(0);
   }
 
   get coefficients(): Record<Feature, number> {
@@ -271,27 +290,21 @@ export class CostModel {
     this.sumPred += predicted;
     this.sumMeasured += measuredMs;
     if (!this.online) return;
-    const x = features(shape);
-    const n = x.length;
-    const px = this.p.map((row) => row.reduce((s, v, j) => s + v * x[j], 0));
-    const denom = this.lambda + x.reduce((s, v, i) => s + v * px[i], 0);
-    const gain = px.map((v) => v / denom);
-    const residual = measuredMs - x.reduce((s, v, i) => s + v * this.theta[i], 0);
-    this.theta = this.theta.map((t, i) => Math.max(0, t + gain[i] * residual));
+    const n = FEATURES.length;
     for (let i = 0; i < n; i++) {
-      for (let j = 0; j < n; j++) this.p[i][j] = (this.p[i][j] - gain[i] * px[j]) / this.lambda;
+      this.atb[i] *= this.lambda;
+      for (let j = 0; j < n; j++) this.ata[i][j] *= this.lambda;
     }
-    // Forgetting divides P by λ every step, so features absent from recent steps (no fine-tuning
-    // for a while) would gain huge variances and jump on their next sample ("windup"): cap them,
-    // scaling row and column together so P stays symmetric positive semi-definite.
+    this.weight = this.weight * this.lambda + 1;
+    addOuter(this.ata, this.atb, features(shape), measuredMs, 1);
+    const ata = this.ata.map((row) => [...row]);
+    const atb = [...this.atb];
     for (let i = 0; i < n; i++) {
-      if (this.p[i][i] <= this.pMax) continue;
-      const s = Math.sqrt(this.pMax / this.p[i][i]);
-      for (let j = 0; j < n; j++) {
-        this.p[i][j] *= s;
-        this.p[j][i] *= s;
-      }
+      const d = Math.max(this.ata[i][i] / this.weight, 1e-12);
+      ata[i][i] += this.priorWeight * d;
+      atb[i] += this.priorWeight * d * this.prior[i];
     }
+    this.theta = solveNonNegative(ata, atb);
   }
 
   get error(): PredictionError {

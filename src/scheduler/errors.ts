@@ -38,3 +38,8 @@ export class BlockManagerUsageError extends MaceError {
 export class KvIntegrityError extends MaceError {
   override readonly code = "kv_integrity";
 }
+
+/** The scheduler's request or fine-tuning queues broke an invariant: a bug, never a user error. */
+export class SchedulerInvariantError extends MaceError {
+  override readonly code = "scheduler_invariant";
+}

@@ -155,6 +155,8 @@ export class MetricsRecorder {
   private readonly trainedIds = new Set<PairId>();
   private pairTrainings = 0;
   private lossSum = 0;
+  /** Trainings with a known loss (the simulator trains without one). */
+  private lossCount = 0;
   private lastLoss: number | null = null;
   private earliest = Infinity;
   private latest = -Infinity;
@@ -249,13 +251,14 @@ export class MetricsRecorder {
   }
 
   /**
-   * A DPO step trained these pairs, with each pair's loss. A pair never received as feedback
-   * (a seed data set) counts for throughput and loss but not staleness.
+   * A DPO step trained these pairs, with each pair's loss (null: not known, as in the simulator,
+   * which models time, not learning). A pair never received as feedback (a seed data set) counts
+   * for throughput and loss but not staleness.
    */
-  trained(atMs: number, pairs: readonly { id: PairId; dpoLoss: number }[]): void {
+  trained(atMs: number, pairs: readonly { id: PairId; dpoLoss: number | null }[]): void {
     this.checkAt(atMs, "trained");
     for (const { id, dpoLoss } of pairs) {
-      if (!Number.isFinite(dpoLoss)) {
+      if (dpoLoss !== null && !Number.isFinite(dpoLoss)) {
         throw new MetricsUsageError(`pair ${id}: DPO loss ${dpoLoss} is not finite`);
       }
       const p = this.pairs.get(id);
@@ -267,16 +270,20 @@ export class MetricsRecorder {
     }
     this.mark(atMs);
     if (pairs.length === 0) return;
-    let sum = 0;
+    let sum = 0, known = 0;
     for (const { id, dpoLoss } of pairs) {
-      sum += dpoLoss;
+      if (dpoLoss !== null) {
+        sum += dpoLoss;
+        known++;
+      }
       this.trainedIds.add(id);
       const p = this.pairs.get(id);
       if (p && p.firstTrainedAt === null) p.firstTrainedAt = atMs;
     }
     this.pairTrainings += pairs.length;
     this.lossSum += sum;
-    this.lastLoss = sum / pairs.length;
+    this.lossCount += known;
+    if (known > 0) this.lastLoss = sum / known;
   }
 
   /** The metrics over the window; may be called any number of times, mid-run included. */
@@ -358,7 +365,7 @@ export class MetricsRecorder {
         pairsTrained: this.pairTrainings,
         uniquePairsTrained: this.trainedIds.size,
         pairsPerSecond: ratio(this.pairTrainings, wallS),
-        meanDpoLoss: ratio(this.lossSum, this.pairTrainings),
+        meanDpoLoss: ratio(this.lossSum, this.lossCount),
         lastDpoLoss: this.lastLoss,
       },
       feedbackReceived: this.pairs.size,

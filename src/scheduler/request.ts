@@ -25,7 +25,7 @@ export interface GenerationRequest {
   adapterId?: string;
 }
 
-export type StopReason = "eos" | "length";
+export type StopReason = "eos" | "length" | "cancelled";
 
 export interface RequestOutput {
   id: number;
@@ -63,8 +63,6 @@ export class RequestState {
   pendingSamples = 0;
   /** The id of the last step that sampled for this request (FEEDBACK_TOKEN needs the previous step). */
   lastSampleStep = -1;
-  /** Allocated in the block manager (admitted). */
-  running = false;
   finished: StopReason | null = null;
   prefixHitTokens = 0;
   preemptions = 0;
@@ -126,6 +124,11 @@ export class RequestState {
       return true;
     }
     return false;
+  }
+
+  /** Ends the request where it is (its tokens so far are its output). */
+  cancel(now: number): void {
+    if (!this.finished) this.finish("cancelled", now);
   }
 
   private finish(reason: StopReason, now: number): void {
