@@ -6,6 +6,7 @@ import { CONVERT_HELP, convertCommand } from "./commands/convert.ts";
 import { BENCH_HELP, benchCommand } from "./commands/bench.ts";
 import { EVAL_PRUNING_HELP, evalPruningCommand } from "./commands/eval_pruning.ts";
 import { TRAIN_HELP, trainCommand } from "./commands/train.ts";
+import { SIMULATE_HELP, simulateCommand } from "./commands/simulate.ts";
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   generate: { run: generateCommand, help: GENERATE_HELP },
@@ -14,6 +15,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   info: { run: infoCommand, help: INFO_HELP },
   "eval-pruning": { run: evalPruningCommand, help: EVAL_PRUNING_HELP },
   train: { run: trainCommand, help: TRAIN_HELP },
+  simulate: { run: simulateCommand, help: SIMULATE_HELP },
 };
 
 function usage(): string {

@@ -546,3 +546,17 @@ export function formatSummaryTable(
   }
   return out.join("\n") + "\n";
 }
+
+/** The same table as formatSummaryTable, as Markdown (for docs/). */
+export function formatSummaryMarkdown(
+  rows: readonly { name: string; summary: MetricsSummary }[],
+): string {
+  const out = [
+    `| policy | ${COLUMNS.map(([h]) => h).join(" | ")} |`,
+    `|---|${COLUMNS.map(() => "---:").join("|")}|`,
+  ];
+  for (const { name, summary } of rows) {
+    out.push(`| ${name} | ${COLUMNS.map(([, , get]) => get(summary)).join(" | ")} |`);
+  }
+  return out.join("\n") + "\n";
+}
