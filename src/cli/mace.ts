@@ -7,6 +7,7 @@ import { BENCH_HELP, benchCommand } from "./commands/bench.ts";
 import { EVAL_PRUNING_HELP, evalPruningCommand } from "./commands/eval_pruning.ts";
 import { TRAIN_HELP, trainCommand } from "./commands/train.ts";
 import { SIMULATE_HELP, simulateCommand } from "./commands/simulate.ts";
+import { LOADTEST_HELP, loadtestCommand } from "./commands/loadtest.ts";
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   generate: { run: generateCommand, help: GENERATE_HELP },
@@ -16,6 +17,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   "eval-pruning": { run: evalPruningCommand, help: EVAL_PRUNING_HELP },
   train: { run: trainCommand, help: TRAIN_HELP },
   simulate: { run: simulateCommand, help: SIMULATE_HELP },
+  loadtest: { run: loadtestCommand, help: LOADTEST_HELP },
 };
 
 function usage(): string {

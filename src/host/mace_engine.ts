@@ -188,7 +188,7 @@ export class MaceEngine implements Engine {
       prompt: request.prompt,
       maxTokens: request.maxTokens,
       sampling,
-      eosIds: this.engineInfo.eosIds,
+      eosIds: request.ignoreEos ? [] : this.engineInfo.eosIds,
       // A failing callback must not stop the engine: the token still counts and the request goes on.
       onToken: onToken && ((token) => {
         try {

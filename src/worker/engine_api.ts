@@ -34,6 +34,8 @@ export interface GenerateRequest {
   adapter?: string;
   /** The caller's id for cancel(); default: one is made up. Must not be in use. */
   requestId?: string;
+  /** Generate exactly maxTokens tokens, past any EOS (benchmarks, as vLLM's ignore_eos). */
+  ignoreEos?: boolean;
 }
 
 export interface GenerateResult extends RequestOutput {

@@ -35,8 +35,10 @@ export interface SimulationOptions {
   noise?: number;
   /** The scheduler's cost model learns online from simulated step times (default true). */
   online?: boolean;
-  /** Tokens every prompt starts with (a shared system prompt); default 32. */
+  /** Tokens every prompt starts with after BOS (a shared system prompt); default 32. */
   sharedPrefixTokens?: number;
+  /** Token ids of synthetic prompts lie below this (default 512, the bundled model's vocabulary). */
+  vocabSize?: number;
   /** Engine limits; defaults are the engine's (512 tokens, 16 sequences per step). */
   maxTokensPerStep?: number;
   maxSeqsPerStep?: number;
@@ -82,8 +84,6 @@ export interface SimulationResult {
   endMs: number;
 }
 
-const VOCAB_SPAN = 30_000;
-
 export function simulate(o: SimulationOptions): SimulationResult {
   const { profile, policy } = o;
   const mem = profile.memory;
@@ -119,6 +119,7 @@ export function simulate(o: SimulationOptions): SimulationResult {
     return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
   };
   const shared = o.sharedPrefixTokens ?? 32;
+  const vocabSize = o.vocabSize ?? 512;
   const arrivals = [...o.workload].sort((a, b) => a.atMs - b.atMs || a.id - b.id);
   const byId = new Map(arrivals.map((a) => [a.id, a]));
   const feedback: { atMs: number; arrival: Arrival }[] = [];
@@ -131,7 +132,7 @@ export function simulate(o: SimulationOptions): SimulationResult {
       const a = arrivals[next++];
       scheduler.addRequest({
         id: a.id,
-        prompt: promptTokens(a, shared),
+        prompt: syntheticPrompt(a, shared, vocabSize),
         maxTokens: a.outputTokens,
         sampling: GREEDY,
         eosIds: [],
@@ -139,9 +140,8 @@ export function simulate(o: SimulationOptions): SimulationResult {
     }
     while (feedback.length > 0 && feedback[0].atMs <= t) {
       const { atMs, arrival } = feedback.shift()!;
-      const promptLength = Math.min(arrival.promptTokens, trainMaxLength - 1);
-      const response = Math.max(1, Math.min(arrival.outputTokens, trainMaxLength - promptLength));
-      scheduler.addFeedback([{ id: arrival.id, tokens: 2 * (promptLength + response), payload: null }], atMs);
+      const { promptLength, responseLength } = feedbackShape(arrival, trainMaxLength);
+      scheduler.addFeedback([{ id: arrival.id, tokens: 2 * (promptLength + responseLength), payload: null }], atMs);
     }
     // The run ends when every request has arrived and ended; fine-tuning left then is staleness.
     if (next === arrivals.length && !batch.hasWork()) break;
@@ -204,11 +204,27 @@ export function simulate(o: SimulationOptions): SimulationResult {
   };
 }
 
-/** A request's prompt: the shared prefix, then ids unique to the request. */
-function promptTokens(a: Arrival, shared: number): number[] {
+/**
+ * A request's prompt as token ids (the simulator's, and the live load test's, so both see the
+ * same prefix sharing): BOS (1), then the shared prefix, then ids drawn for the request; every id
+ * but BOS lies in [3, vocabSize), clear of the usual unk/BOS/EOS ids 0..2.
+ */
+export function syntheticPrompt(a: Arrival, shared: number, vocabSize: number): number[] {
   const length = Math.max(1, a.promptTokens);
   const random = rng(a.id * 7919 + 17);
-  return Array.from({ length }, (_, i) => (i < shared ? 1 + i : 1 + Math.floor(random() * VOCAB_SPAN)));
+  const span = vocabSize - 3;
+  return Array.from({ length }, (_, i) =>
+    i === 0 ? 1 : i <= shared ? 3 + ((i - 1) % span) : 3 + Math.floor(random() * span));
+}
+
+/**
+ * The preference pair a feedback request returns, as the fine-tuner takes it: the first
+ * `promptLength` prompt tokens and two responses of `responseLength` tokens, clamped so prompt +
+ * response fits the trainer's max length.
+ */
+export function feedbackShape(a: Arrival, trainMaxLength: number): { promptLength: number; responseLength: number } {
+  const promptLength = Math.min(a.promptTokens, trainMaxLength - 1);
+  return { promptLength, responseLength: Math.max(1, Math.min(a.outputTokens, trainMaxLength - promptLength)) };
 }
 
 function insertSorted<E extends { atMs: number }>(list: E[], e: E): void {
