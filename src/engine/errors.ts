@@ -98,3 +98,8 @@ export class ProfileFormatError extends MaceError {
     super(`${file}: ${detail}`);
   }
 }
+
+/** close() was called on the engine: it takes no more work; create a new one. */
+export class EngineClosedError extends MaceError {
+  override readonly code = "engine_closed";
+}

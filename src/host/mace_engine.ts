@@ -16,7 +16,7 @@ import { createGpuContext, type GpuContext } from "../engine/gpu/context.ts";
 import { openModelWithTokenizer } from "../engine/load.ts";
 import { ModelRunner } from "../engine/runner/model_runner.ts";
 import { GREEDY, type SamplingParams } from "../engine/step.ts";
-import { InvalidRequestError, MaceError } from "../engine/errors.ts";
+import { EngineClosedError, InvalidRequestError } from "../engine/errors.ts";
 import { LORA_TARGETS, type LoraConfig, type LoraTarget, type LoraWeights } from "../engine/lora/lora.ts";
 import { DpoTrainer, type TrainingPair } from "../engine/training/dpo_trainer.ts";
 import { BlockManager } from "../scheduler/block_manager.ts";
@@ -41,11 +41,6 @@ import type {
 import { AdapterVersions } from "./adapter_versions.ts";
 import { BUNDLED_MODEL } from "./defaults.ts";
 import { runIteration } from "./iteration.ts";
-
-/** close() was called: the engine takes no more work. */
-export class EngineClosedError extends MaceError {
-  override readonly code = "engine_closed";
-}
 
 interface LiveRequest {
   requestId: string;

@@ -80,17 +80,17 @@ Deno.test("fcfs takes the whole prompt in one step and blows the TBT budget", ()
 Deno.test("mace packs a fine-tuning slice into the slack and leaves it out when it does not fit", () => {
   const s = setup("mace", { deltaFtMs: 10_000 });
   s.scheduler.addFeedback([{ id: 0, tokens: 40, payload: null }], 0);
-  // Idle GPU: the slice runs alone (reference of the one pair: 5 + 0.05·40 = 7 ms).
+  // Idle GPU: the slice runs alone (reference of the one pair, layer 0 of 2: 5 + 0.05·40/2 = 6 ms).
   const idle = s.scheduler.schedule(0)!;
   assert.equal(idle.step, null);
-  assert.deepEqual(idle.finetune?.slice, { kind: "reference", pair: 0 });
-  assert.equal(idle.predictedMs, 5 + 0.05 * 40);
+  assert.deepEqual(idle.finetune?.slice, { kind: "reference", pair: 0, fromLayer: 0, toLayer: 1 });
+  assert.equal(idle.predictedMs, 5 + 0.05 * 40 / 2);
   s.run(idle);
-  // A short prompt leaves room for the next slice (forward: 5 + 0.05·40 = 7 ms).
+  // A short prompt leaves room for the next slice (the reference's layer 1 and head).
   s.add(0, 8, 5);
   const mixed = s.scheduler.schedule(s.now())!;
   assert.deepEqual(plan(mixed), [[0, 8, true]]);
-  assert.deepEqual(mixed.finetune?.slice, { kind: "forward", pair: 0 });
+  assert.deepEqual(mixed.finetune?.slice, { kind: "reference", pair: 0, fromLayer: 1, toLayer: 2 });
   s.run(mixed);
   // A long prompt fills the budget: the prefill chunk goes in, the slice waits.
   s.add(1, 230, 2);
@@ -133,7 +133,7 @@ Deno.test("synchronous stops serving while its retraining job runs; periodic sha
     s.run(before);
     s.setNow(100);
     const at = s.scheduler.schedule(100)!;
-    assert.deepEqual(at.finetune?.slice, { kind: "reference", pair: 0 });
+    assert.deepEqual(at.finetune?.slice, { kind: "reference", pair: 0, fromLayer: 0, toLayer: 1 });
     if (name === "synchronous") assert.equal(at.step, null);
     else assert.deepEqual(plan(at), [[0, 1, true]]);
   }

@@ -40,7 +40,7 @@ export interface TrainBenchResult {
   pairsPerSecond: number;
   /** Tokens through the policy per second: both sequences of each pair. */
   tokensPerSecond: number;
-  /** Median GPU+submit time of each slice kind, ms (backward: one slice of layersPerSlice layers). */
+  /** Median GPU+submit time of each slice kind, ms (reference, forward, backward: one slice of layersPerSlice layers). */
   sliceMs: Record<TrainingSlice["kind"], number>;
   /** Inference baseline: one prefill of the pair's two sequences, ms (median of 3). */
   prefillMs: number;
@@ -78,16 +78,22 @@ export async function runTrainBench(
   trainer.initialize(0);
   const slices: Record<string, number[]> = { reference: [], forward: [], backward: [], optimizer: [] };
   const steps: number[] = [];
+  /** Per step: its reference slices together (a scoring forward of the pair). */
+  const scoring: number[] = [];
   // Step 0 compiles pipelines and is not timed.
   for (let step = 0; step <= options.steps; step++) {
     const p = pair(100 + step);
-    let total = 0;
+    let total = 0, reference = 0;
     for (const slice of trainer.planStep([p], options.layersPerSlice)) {
       const ms = await timed(ctx, () => trainer.runSlice(slice));
       if (slice.kind !== "reference") total += ms;
+      else reference += ms;
       if (step > 0) slices[slice.kind].push(ms);
     }
-    if (step > 0) steps.push(total);
+    if (step > 0) {
+      steps.push(total);
+      scoring.push(reference);
+    }
   }
   trainer.destroy();
 
@@ -143,7 +149,7 @@ export async function runTrainBench(
     },
     prefillMs,
     stepOverPrefill: stepMs / prefillMs,
-    stepOverScoring: stepMs / median(slices.reference),
+    stepOverScoring: stepMs / median(scoring),
     memory,
     hostLoad: Deno.loadavg(),
   };
@@ -158,9 +164,9 @@ export function printTrainBench(r: TrainBenchResult): void {
     `LoRA r=${o.lora.rank} alpha=${o.lora.alpha} on ${o.lora.targets.join(",")}; pair = prompt ${o.promptTokens} + ` +
     `responses ${o.responseTokens} tokens; ${o.steps} timed steps of 1 pair`,
     `step ${r.stepMs.toFixed(1)} ms: ${r.pairsPerSecond.toFixed(3)} pairs/s, ${r.tokensPerSecond.toFixed(1)} tokens/s`,
-    `slices (median ms): reference ${r.sliceMs.reference.toFixed(1)} (once per pair, cached), forward ` +
-    `${r.sliceMs.forward.toFixed(1)}, backward ${r.sliceMs.backward.toFixed(1)} per ${o.layersPerSlice} layers` +
-    ` (the first also runs the head), optimizer ${r.sliceMs.optimizer.toFixed(1)}`,
+    `slices (median ms per ${o.layersPerSlice} layers): reference ${r.sliceMs.reference.toFixed(1)} (once per ` +
+    `pair, cached), forward ${r.sliceMs.forward.toFixed(1)}, backward ${r.sliceMs.backward.toFixed(1)} (the last ` +
+    `forward and the first backward also run the head), optimizer ${r.sliceMs.optimizer.toFixed(1)}`,
     `baselines on the same two sequences: a DPO step costs x${r.stepOverScoring.toFixed(2)} of scoring them ` +
     `(the reference slice) and x${r.stepOverPrefill.toFixed(2)} of an inference prefill ` +
     `(${r.prefillMs.toFixed(1)} ms, last-token logits only)`,

@@ -1,11 +1,11 @@
 /**
  * DPO on a LoRA adapter, on the GPU, cut into slices a scheduler can place between decode steps.
  *
- * One optimizer step over P pairs (gradient accumulation) is the slice list
- *   reference(pair)  for pairs whose reference log-probs are not cached yet (adapter off; the
- *                    sums are read back and cached on the CPU),
- *   forward(pair)    policy forward of chosen and rejected + the DPO loss kernel, which writes
- *                    the loss and dL/d(summed log-probs) (already divided by P),
+ * One optimizer step over P pairs (gradient accumulation) is the slice list (slice_plan.ts)
+ *   reference(pair, layers [lo, hi))  for pairs whose reference log-probs are not cached yet
+ *                    (adapter off; at the last layer the sums are read back and cached on the CPU),
+ *   forward(pair, layers [lo, hi))  policy forward of chosen and rejected; at the last layer the
+ *                    DPO loss kernel writes the loss and dL/d(summed log-probs) (already / P),
  *   backward(pair, layers [hi, lo))  the head (when hi = L) and layers hi-1..lo of both sequences,
  *   optimizer        global gradient norm, clipping, AdamW or SGD, gradients cleared.
  * The slices of a step record exactly the dispatches of the unsliced step, in the same order,
@@ -110,6 +110,8 @@ export class DpoTrainer {
   /** The pairs of the step being run, and which of them went through forward. */
   #pairs: TrainingPair[] = [];
   #forwarded = -1;
+  /** Where the last forward or reference slice left the graph's slots. */
+  #forwardAt: { kind: "reference" | "forward"; pair: number; layer: number } | null = null;
   #dropoutSeed = 0;
 
   constructor(
@@ -207,6 +209,7 @@ export class DpoTrainer {
     });
     this.#pairs = pairs;
     this.#forwarded = -1;
+    this.#forwardAt = null;
   }
 
   /** Records and submits one slice; reference slices also wait for their log-probs. */
@@ -216,10 +219,12 @@ export class DpoTrainer {
     switch (slice.kind) {
       case "reference": {
         const pair = this.#pairs[slice.pair];
-        this.#loadPair(pair, slice.pair);
-        this.graph.encodeForward(encoder, 0, false, false);
-        this.graph.encodeForward(encoder, 1, false, false);
+        this.#advance(slice);
+        if (slice.fromLayer === 0) this.#loadPair(pair, slice.pair);
+        this.graph.encodeForward(encoder, 0, false, false, slice.fromLayer, slice.toLayer);
+        this.graph.encodeForward(encoder, 1, false, false, slice.fromLayer, slice.toLayer);
         ctx.device.queue.submit([encoder.finish()]);
+        if (slice.toLayer < this.model.numLayers) return;
         const sum = async (slot: 0 | 1) => {
           const s = this.graph.slots[slot];
           const logp = await readF32(ctx, s.logp, s.length - s.promptLength, s.promptLength - 1);
@@ -229,8 +234,9 @@ export class DpoTrainer {
         return;
       }
       case "forward":
-        this.#encodeForwardAndLoss(encoder, slice.pair, true);
-        this.#forwarded = slice.pair;
+        this.#advance(slice);
+        this.#encodeForwardAndLoss(encoder, slice.pair, true, slice.fromLayer, slice.toLayer);
+        if (slice.toLayer === this.model.numLayers) this.#forwarded = slice.pair;
         break;
       case "backward": {
         if (this.#forwarded !== slice.pair) {
@@ -261,16 +267,41 @@ export class DpoTrainer {
     this.graph.load(1, [...pair.prompt, ...pair.rejected], pair.prompt.length, j * PAIR_STRIDE + 2, seed(1));
   }
 
-  /** Policy forward of pair j's two sequences (dropout in training only), then its DPO loss. */
-  #encodeForwardAndLoss(encoder: GPUCommandEncoder, j: number, training: boolean) {
+  /**
+   * A forward or reference slice continues the sequences in the graph's slots: one starting past
+   * layer 0 must follow the slice of the same kind and pair that ended at its first layer.
+   */
+  #advance(slice: { kind: "reference" | "forward"; pair: number; fromLayer: number; toLayer: number }) {
+    const at = this.#forwardAt;
+    if (slice.fromLayer > 0 && (at?.kind !== slice.kind || at.pair !== slice.pair || at.layer !== slice.fromLayer)) {
+      throw new Error(
+        `${slice.kind} slice of pair ${slice.pair} from layer ${slice.fromLayer} without the slice before it`,
+      );
+    }
+    this.#forwardAt = { kind: slice.kind, pair: slice.pair, layer: slice.toLayer };
+  }
+
+  /**
+   * Policy forward of pair j's two sequences through layers [fromLayer, toLayer) (dropout in
+   * training only), then, at the last layer, its DPO loss.
+   */
+  #encodeForwardAndLoss(
+    encoder: GPUCommandEncoder,
+    j: number,
+    training: boolean,
+    fromLayer = 0,
+    toLayer = this.model.numLayers,
+  ) {
     const pair = this.#pairs[j];
-    const ref = this.#refCache.get(pairKey(pair));
-    if (!ref) throw new Error(`forward slice of pair ${j} before its reference slice`);
-    this.#loadPair(pair, j);
-    writeBuffer(this.#ctx, this.#refSums, j * PAIR_STRIDE * 4, new Float32Array([ref.chosen, ref.rejected]));
-    this.graph.encodeForward(encoder, 0, true, training);
-    this.graph.encodeForward(encoder, 1, true, training);
-    this.#encodeLoss(encoder, j);
+    if (fromLayer === 0) {
+      const ref = this.#refCache.get(pairKey(pair));
+      if (!ref) throw new Error(`forward slice of pair ${j} before its reference slices`);
+      this.#loadPair(pair, j);
+      writeBuffer(this.#ctx, this.#refSums, j * PAIR_STRIDE * 4, new Float32Array([ref.chosen, ref.rejected]));
+    }
+    this.graph.encodeForward(encoder, 0, true, training, fromLayer, toLayer);
+    this.graph.encodeForward(encoder, 1, true, training, fromLayer, toLayer);
+    if (toLayer === this.model.numLayers) this.#encodeLoss(encoder, j);
   }
 
   #encodeLoss(encoder: GPUCommandEncoder, j: number) {
@@ -382,7 +413,9 @@ export class DpoTrainer {
       const batch = pairs.slice(i, i + this.options.maxPairsPerStep);
       this.#begin(batch);
       for (let j = 0; j < batch.length; j++) {
-        if (!this.#refCache.has(pairKey(batch[j]))) await this.runSlice({ kind: "reference", pair: j });
+        if (!this.#refCache.has(pairKey(batch[j]))) {
+          await this.runSlice({ kind: "reference", pair: j, fromLayer: 0, toLayer: this.model.numLayers });
+        }
         const encoder = this.#ctx.device.createCommandEncoder({ label: "dpo.evaluate" });
         this.#encodeForwardAndLoss(encoder, j, false);
         this.#ctx.device.queue.submit([encoder.finish()]);

@@ -414,25 +414,38 @@ export class TrainingGraph {
 
   /**
    * Records the forward of a loaded slot: checkpoints x_0..x_L and the log-prob of every
-   * response token (slot.logp rows promptLength-1 .. T-2).
+   * response token (slot.logp rows promptLength-1 .. T-2). A layer range [fromLayer, toLayer)
+   * records part of it: the embedding when fromLayer = 0, layers fromLayer..toLayer-1 from
+   * checkpoint x_fromLayer, the head when toLayer = L; ranges run in order give the full forward.
    */
-  encodeForward(encoder: GPUCommandEncoder, slotIndex: 0 | 1, withAdapter: boolean, dropout: boolean): void {
+  encodeForward(
+    encoder: GPUCommandEncoder,
+    slotIndex: 0 | 1,
+    withAdapter: boolean,
+    dropout: boolean,
+    fromLayer = 0,
+    toLayer = this.#c.numLayers,
+  ): void {
     const s = this.slots[slotIndex], k = this.#kernels, T = s.length, D = this.#c.hiddenSize;
-    let pass = encoder.beginComputePass();
-    this.weights.embedding.chunks.forEach((chunk, i) => {
-      const group = this.#group(
-        `embed.${i}.${s.rows.label}`,
-        () => k.embedding.bind(s.embedParams[i], s.tokens, chunk.buffer, s.checkpoints[0]),
-      );
-      k.embedding.encode(pass, group, T);
-    });
-    pass.end();
-    for (let l = 0; l < this.#c.numLayers; l++) {
+    let pass: GPUComputePassEncoder;
+    if (fromLayer === 0) {
+      pass = encoder.beginComputePass();
+      this.weights.embedding.chunks.forEach((chunk, i) => {
+        const group = this.#group(
+          `embed.${i}.${s.rows.label}`,
+          () => k.embedding.bind(s.embedParams[i], s.tokens, chunk.buffer, s.checkpoints[0]),
+        );
+        k.embedding.encode(pass, group, T);
+      });
+      pass.end();
+    }
+    for (let l = fromLayer; l < toLayer; l++) {
       encoder.copyBufferToBuffer(s.checkpoints[l], 0, s.checkpoints[l + 1], 0, T * D * 4);
       pass = encoder.beginComputePass();
       this.#layerForward(pass, l, s, s.checkpoints[l + 1], withAdapter, false, dropout);
       pass.end();
     }
+    if (toLayer < this.#c.numLayers) return;
     pass = encoder.beginComputePass();
     for (const chunk of this.#headChunks(s)) {
       this.#headLogits(pass, s, chunk.index, chunk.rows);
