@@ -8,6 +8,7 @@ import { EVAL_PRUNING_HELP, evalPruningCommand } from "./commands/eval_pruning.t
 import { TRAIN_HELP, trainCommand } from "./commands/train.ts";
 import { SIMULATE_HELP, simulateCommand } from "./commands/simulate.ts";
 import { LOADTEST_HELP, loadtestCommand } from "./commands/loadtest.ts";
+import { PROFILE_HELP, profileCommand } from "./commands/profile.ts";
 
 const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: string }> = {
   generate: { run: generateCommand, help: GENERATE_HELP },
@@ -18,6 +19,7 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
   train: { run: trainCommand, help: TRAIN_HELP },
   simulate: { run: simulateCommand, help: SIMULATE_HELP },
   loadtest: { run: loadtestCommand, help: LOADTEST_HELP },
+  profile: { run: profileCommand, help: PROFILE_HELP },
 };
 
 function usage(): string {

@@ -34,7 +34,7 @@ export async function runIteration(
     await trainer.runSlice(work.slice);
   }
   const result = step ? await step : null;
-  if (work.slice && work.slice.kind !== "reference") {
+  if (work.slice) {
     await runner.ctx.device.queue.onSubmittedWorkDone();
     runner.ctx.throwIfFailed();
   }

@@ -32,9 +32,12 @@ export interface FinetuneShape {
   kind: FinetuneSliceKind;
   /** Tokens of the pair's two sequences (prompt + chosen + prompt + rejected); 0 for optimizer. */
   tokens: number;
-  /** Backward: layers this slice covers, as a share of the model's depth (0..1]. */
+  /** Layers this slice covers, as a share of the model's depth (0..1]; 0 for optimizer. */
   depthShare: number;
-  /** Backward: true when the slice includes the LM head (the first backward slice of a pair). */
+  /**
+   * True when the slice runs the LM head: the last reference or forward slice of a pair (logits
+   * and log-probs) and its first backward slice.
+   */
   head: boolean;
 }
 
@@ -63,10 +66,10 @@ export function features(s: StepShape): number[] {
     s.decodeSeqs,
     s.attentionPairs / 1000,
     ft ? 1 : 0,
-    ft?.kind === "reference" ? ft.tokens : 0,
-    ft?.kind === "forward" ? ft.tokens : 0,
+    ft?.kind === "reference" ? ft.tokens * ft.depthShare : 0,
+    ft?.kind === "forward" ? ft.tokens * ft.depthShare : 0,
     ft?.kind === "backward" ? ft.tokens * ft.depthShare : 0,
-    ft?.kind === "backward" && ft.head ? ft.tokens : 0,
+    ft?.head ? ft.tokens : 0,
     ft?.kind === "optimizer" ? 1 : 0,
   ];
 }
@@ -116,14 +119,25 @@ export function validateProfile(value: unknown, file = "<profile>"): CostProfile
   if (typeof p.coefficients !== "object" || p.coefficients === null) throw bad(`"coefficients" missing`);
   for (const f of FEATURES) {
     const c = p.coefficients[f];
-    if (typeof c !== "number" || !Number.isFinite(c)) throw bad(`coefficient "${f}" must be a finite number`);
+    // Every feature is work: a negative cost would let the packer add work to shorten a step.
+    if (typeof c !== "number" || !Number.isFinite(c) || c < 0) {
+      throw bad(`coefficient "${f}" must be a finite number >= 0`);
+    }
   }
   const m = p.memory;
   if (typeof m !== "object" || m === null) throw bad(`"memory" missing`);
   for (const key of ["kvBytesPerToken", "blockSize", "kvBlocks", "trainBytesPerToken", "trainStateBytes"] as const) {
     if (typeof m[key] !== "number" || !(m[key] >= 0)) throw bad(`memory.${key} must be a number >= 0`);
   }
-  if (typeof p.fit !== "object" || p.fit === null) throw bad(`"fit" missing`);
+  const fit = p.fit;
+  if (typeof fit !== "object" || fit === null) throw bad(`"fit" missing`);
+  if (!Number.isInteger(fit.samples) || fit.samples < 0) throw bad(`fit.samples must be an integer >= 0`);
+  // The simulator sizes its step-time noise from the fit error: it must be a real number.
+  for (const key of ["meanAbsErrorMs", "meanAbsPercentError"] as const) {
+    if (typeof fit[key] !== "number" || !Number.isFinite(fit[key]) || fit[key] < 0) {
+      throw bad(`fit.${key} must be a finite number >= 0`);
+    }
+  }
   return p as CostProfile;
 }
 
@@ -133,15 +147,20 @@ export interface CostSample {
 }
 
 /**
- * Least-squares coefficients for samples, with a small ridge so features the samples never
- * exercise stay at 0 instead of blowing up; non-negative (see solveNonNegative).
+ * Least-squares coefficients for samples, in relative error: each sample weighs 1/ms², so the
+ * fit minimizes Σ ((predicted − ms) / ms)². Measured steps span 20 ms decodes to 1 s prefills;
+ * in absolute error the long ones decide the fit and short decodes (what a TBT budget is made
+ * of) came out 30% low on lavapipe, while every reader of the fit (the scheduler's budget, the
+ * profile's reported percent error, the simulator's relative noise) cares about relative error.
+ * A small ridge, relative to each feature's scale, keeps features the samples never exercise
+ * at 0 instead of blowing up; non-negative (see solveNonNegative).
  */
 export function fitCoefficients(samples: readonly CostSample[], ridge = 1e-6): Record<Feature, number> {
   const n = FEATURES.length;
   const ata = Array.from({ length: n }, () => new Array<number>(n).fill(0));
   const atb = new Array<number>(n).fill(0);
-  for (const { shape, ms } of samples) addOuter(ata, atb, features(shape), ms, 1);
-  for (let i = 0; i < n; i++) ata[i][i] += ridge * (1 + ata[i][i]);
+  for (const { shape, ms } of samples) addOuter(ata, atb, features(shape), ms, 1 / Math.max(ms, 1e-3) ** 2);
+  for (let i = 0; i < n; i++) ata[i][i] += ridge * (ata[i][i] || 1);
   const beta = solveNonNegative(ata, atb);
   return Object.fromEntries(FEATURES.map((f, i) => [f, beta[i]])) as Record<Feature, number>;
 }
@@ -206,7 +225,7 @@ export interface CostModelOptions {
   /** Forgetting factor: weight of the past per observation (default 0.995, ~200-step memory). */
   forgetting?: number;
   /**
-   * Confidence in the profile, as a number of observations (default 20): the more, the more
+   * Confidence in the profile, as a number of observations (default 10): the more, the more
    * measured steps it takes to move a coefficient away from the profile.
    */
   priorWeight?: number;
@@ -223,10 +242,11 @@ export interface PredictionError {
 }
 
 /**
- * Online, the coefficients minimize Σ_k λ^(n-k) (x_k·θ - y_k)² + Σ_i w·d_i (θ_i - θ0_i)² over
- * θ ≥ 0: exponentially forgotten least squares on the measured steps, pulled toward the profile
- * θ0 with the weight of `priorWeight` typical observations (d_i: the forgotten mean of x_i², so
- * the pull is in each feature's own units; a feature never seen keeps its profile value). Solved
+ * Online, the coefficients minimize Σ_k λ^(n-k) ((x_k·θ - y_k) / y_k)² + Σ_i w·d_i (θ_i - θ0_i)²
+ * over θ ≥ 0: exponentially forgotten least squares in relative error on the measured steps,
+ * pulled toward the profile θ0 with the weight w of `priorWeight` typical steps that have the
+ * feature (d_i: the mean of (x_i / y)² over those steps, so the pull is in each feature's own
+ * units; a feature never seen keeps its profile value). Solved
  * exactly from the 10×10 normal equations after every observation: unlike recursive least
  * squares it cannot lose positive definiteness, whatever the feature scales.
  */
@@ -237,8 +257,14 @@ export class CostModel {
   private readonly prior: number[];
   private readonly ata: number[][];
   private readonly atb: number[];
-  /** Σ λ^k: the forgotten number of observations. */
-  private weight = 0;
+  /**
+   * Per feature, over the steps that had it (forgotten only at those): Σ w·x_i² and their count.
+   * Their ratio, a typical step's weight in that feature, scales the pull toward the profile, so
+   * the profile keeps the weight of `priorWeight` such steps however long ago the feature last
+   * occurred (fine-tuning absent for a while must not let one slice reset its coefficients).
+   */
+  private readonly presentSq: number[];
+  private readonly presentCount: number[];
   private readonly online: boolean;
   private readonly lambda: number;
   private readonly priorWeight: number;
@@ -255,9 +281,11 @@ export class CostModel {
     this.theta = [...this.prior];
     this.online = options.online ?? true;
     this.lambda = options.forgetting ?? 0.995;
-    this.priorWeight = options.priorWeight ?? 20;
+    this.priorWeight = options.priorWeight ?? 10;
     this.ata = FEATURES.map(() => new Array<number>(FEATURES.length).fill(0));
     this.atb = new Array<number>(FEATURES.length).fill(0);
+    this.presentSq = new Array<number>(FEATURES.length).fill(0);
+    this.presentCount = new Array<number>(FEATURES.length).fill(0);
   }
 
   get coefficients(): Record<Feature, number> {
@@ -295,12 +323,19 @@ export class CostModel {
       this.atb[i] *= this.lambda;
       for (let j = 0; j < n; j++) this.ata[i][j] *= this.lambda;
     }
-    this.weight = this.weight * this.lambda + 1;
-    addOuter(this.ata, this.atb, features(shape), measuredMs, 1);
+    // Relative error, as in fitCoefficients: short decode steps count as much as long prefills.
+    const w = 1 / Math.max(measuredMs, 1e-3) ** 2;
+    const x = features(shape);
+    addOuter(this.ata, this.atb, x, measuredMs, w);
+    for (let i = 0; i < n; i++) {
+      if (x[i] === 0) continue;
+      this.presentSq[i] = this.presentSq[i] * this.lambda + w * x[i] * x[i];
+      this.presentCount[i] = this.presentCount[i] * this.lambda + 1;
+    }
     const ata = this.ata.map((row) => [...row]);
     const atb = [...this.atb];
     for (let i = 0; i < n; i++) {
-      const d = Math.max(this.ata[i][i] / this.weight, 1e-12);
+      const d = this.presentCount[i] > 0 ? this.presentSq[i] / this.presentCount[i] : 1e-12;
       ata[i][i] += this.priorWeight * d;
       atb[i] += this.priorWeight * d * this.prior[i];
     }
@@ -348,6 +383,11 @@ export function finetuneShape(slice: TrainingSlice, pairTokens: number, numLayer
         head: slice.fromLayer === numLayers,
       };
     default:
-      return { kind: slice.kind, tokens: pairTokens, depthShare: 1, head: false };
+      return {
+        kind: slice.kind,
+        tokens: pairTokens,
+        depthShare: (slice.toLayer - slice.fromLayer) / numLayers,
+        head: slice.toLayer === numLayers,
+      };
   }
 }

@@ -92,7 +92,9 @@ export async function loadProfile(path: string): Promise<CostProfile> {
   } catch (e) {
     throw new ProfileFormatError(
       path,
-      `not JSON (${(e as Error).message}); re-run \`deno task mace profile\` to write a valid profile`,
+      `not JSON (${
+        (e as Error).message
+      }); re-run \`deno task mace profile\` to write a valid profile`,
     );
   }
   return validateProfile(value, path);
@@ -103,7 +105,12 @@ async function readText(path: string): Promise<string> {
   if (typeof (globalThis as { Deno?: unknown }).Deno === "undefined") {
     const response = await fetch(path).catch(() => null);
     if (response?.status === 404) throw new ProfileNotFoundError(path);
-    if (!response?.ok) throw new ProfileFormatError(path, `cannot fetch it (${response?.status ?? "network error"})`);
+    if (!response?.ok) {
+      throw new ProfileFormatError(
+        path,
+        `cannot fetch it (${response?.status ?? "network error"})`,
+      );
+    }
     return await response.text();
   }
   try {
