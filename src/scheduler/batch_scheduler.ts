@@ -301,7 +301,10 @@ export class BatchScheduler {
   pruneCandidates(): RequestState[] {
     return this.running.filter((req) => {
       const budget = this.budgetOf(req);
-      return budget > 0 && req.numScheduled - req.evicted >= budget && req.numScheduled < req.length;
+      const slots = req.numScheduled - req.evicted;
+      // A prompt still being prefilled holds slots reserved for tokens not computed yet: it is
+      // pruned once its prefill is done.
+      return budget > 0 && slots >= budget && req.numScheduled < req.length && req.reservedSlots === slots;
     });
   }
 

@@ -77,8 +77,8 @@ Deno.test("fcfs takes the whole prompt in one step and blows the TBT budget", ()
   assert.ok(it.predictedMs > 50);
 });
 
-Deno.test("mace packs a fine-tuning slice into the slack and leaves it out when it does not fit", () => {
-  const s = setup("mace", { deltaFtMs: 10_000 });
+Deno.test("mace runs slices on an idle GPU and co-schedules them with decodes once they waited enough", () => {
+  const s = setup("mace", { deltaFtMs: 1000 });
   s.scheduler.addFeedback([{ id: 0, tokens: 40, payload: null }], 0);
   // Idle GPU: the slice runs alone (reference of the one pair, layer 0 of 2: 5 + 0.05·40/2 = 6 ms).
   const idle = s.scheduler.schedule(0)!;
@@ -86,17 +86,24 @@ Deno.test("mace packs a fine-tuning slice into the slack and leaves it out when 
   assert.deepEqual(idle.finetune?.slice, { kind: "reference", pair: 0, fromLayer: 0, toLayer: 1 });
   assert.equal(idle.predictedMs, 5 + 0.05 * 40 / 2);
   s.run(idle);
-  // A short prompt leaves room for the next slice (the reference's layer 1 and head).
-  s.add(0, 8, 5);
-  const mixed = s.scheduler.schedule(s.now())!;
-  assert.deepEqual(plan(mixed), [[0, 8, true]]);
-  assert.deepEqual(mixed.finetune?.slice, { kind: "reference", pair: 0, fromLayer: 1, toLayer: 2 });
-  s.run(mixed);
-  // A long prompt fills the budget: the prefill chunk goes in, the slice waits.
-  s.add(1, 230, 2);
-  const full = s.scheduler.schedule(s.now())!;
-  assert.deepEqual(plan(full), [[0, 1, true], [1, 195, false]]);
-  assert.equal(full.finetune, null);
+  const servedAt = s.now();
+  // Then request 0 decodes, 11 ms an iteration against a 50 ms TBT budget: 39 ms of slack. The
+  // next slice (6 ms) may use the share (waited / δ_ft)² of it: it goes in once
+  // (1 - share) · 39 <= 39 - 6, i.e. after waiting 1000 · sqrt(6 / 39) = 392.2 ms.
+  s.add(0, 8, 60);
+  let joinedAt = -1;
+  while (joinedAt < 0) {
+    const it = s.scheduler.schedule(s.now())!;
+    assert.ok(it.step, "request 0 is served every iteration");
+    if (it.finetune) {
+      assert.deepEqual(it.finetune.slice, { kind: "reference", pair: 0, fromLayer: 1, toLayer: 2 });
+      assert.ok(!it.forcedFinetune);
+      joinedAt = s.now();
+    }
+    s.run(it);
+  }
+  const threshold = 1000 * Math.sqrt(6 / 39);
+  assert.ok(joinedAt - servedAt >= threshold && joinedAt - servedAt < threshold + 11.2, `joined after ${joinedAt - servedAt} ms`);
 });
 
 Deno.test("δ_ft forces a slice in once fine-tuning has waited that long", () => {

@@ -22,7 +22,7 @@ export const LOADTEST_HELP = `mace loadtest [--policy P] [--rate R] [--duration 
   --retrain-rate of the requests, through the engine in a worker (--in-process: no worker), in
   real time; then simulates the same workload with the same profile and prints both, with the
   simulator's relative error per metric. Defaults: policy mace, rate 1 req/s, duration 60 s,
-  retrain rate 0.3, TTFT SLO 1000 ms, TBT SLO 150 ms, max prompt 128, max output 64, seed 1,
+  retrain rate 0.3, TTFT SLO 2000 ms, TBT SLO 250 ms, max prompt 128, max output 64, seed 1,
   profile ${DEFAULT_PROFILE}. Writes bench/results/loadtest-<policy>.json (or --out).`;
 
 /** Metrics compared live vs simulated: name, getter. */
@@ -67,8 +67,8 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
   const rate = numberFlag(flags.rate, "rate", 1, positive);
   const durationS = numberFlag(flags.duration, "duration", 60, positive);
   const retrainRate = numberFlag(flags["retrain-rate"], "retrain-rate", 0.3, (n) => n >= 0 && n <= 1);
-  const ttftSloMs = numberFlag(flags["ttft-slo"], "ttft-slo", 1000, positive);
-  const tbtSloMs = numberFlag(flags["tbt-slo"], "tbt-slo", 150, positive);
+  const ttftSloMs = numberFlag(flags["ttft-slo"], "ttft-slo", 2000, positive);
+  const tbtSloMs = numberFlag(flags["tbt-slo"], "tbt-slo", 250, positive);
   const seed = numberFlag(flags.seed, "seed", 1, Number.isSafeInteger);
   const maxPromptTokens = numberFlag(flags["max-prompt"], "max-prompt", 128, posInt);
   const maxOutputTokens = numberFlag(flags["max-output"], "max-output", 64, posInt);

@@ -15,12 +15,14 @@ export const SIMULATE_HELP = `mace simulate --policy P[,P...]|all [--trace NAME|
   discrete-event simulation, deterministic for --seed) and prints TTFT/TBT percentiles, SLO
   attainment, throughput, GPU busy share, fine-tuning pairs/s and staleness per policy.
   Policies: ${POLICY_NAMES.join(", ")}; ablations: ${Object.keys(ABLATIONS).join(", ")};
-  "all" runs every one. Traces: azure-conv (default), azure-code, sharegpt (lengths only: Poisson
+  "all" runs every one but mace-no-loss-priority (no learning is simulated, so it equals mace;
+  it shows live). Traces: azure-conv (default), azure-code, sharegpt (lengths only: Poisson
   arrivals), or a CSV file. --rate R time-scales the trace to R requests/s (default: as recorded);
   --poisson draws Poisson arrivals at --rate from the trace's lengths. Lengths are clamped to
   --max-prompt (default: context - max output) and --max-output (default 128) tokens.
-  Defaults: retrain rate 0.3, TTFT SLO 1000 ms, TBT SLO 150 ms, duration 300 s, profile
-  ${DEFAULT_PROFILE}, seed 1, KV budget (mace variants) 0 = no pruning,
+  Defaults: retrain rate 0.3, TTFT SLO 2000 ms, TBT SLO 250 ms, duration 300 s, profile
+  ${DEFAULT_PROFILE}, seed 1, KV budget (mace variants) 0 = no pruning (so mace-no-kv-pruning
+  differs from mace only with --kv-budget N),
   retraining period (periodic, synchronous) 60 s, δ_ft 2000 ms, 4 pairs per step.`;
 
 interface Row {
@@ -72,8 +74,8 @@ export async function simulateCommand(argv: string[]): Promise<void> {
   );
   const kvBudget = numberFlag(flags["kv-budget"], "kv-budget", 0, (n) => Number.isInteger(n) && n >= 0);
   const common: Partial<PolicyOptions> = {
-    ttftSloMs: numberFlag(flags["ttft-slo"], "ttft-slo", 1000, positive),
-    tbtSloMs: numberFlag(flags["tbt-slo"], "tbt-slo", 150, positive),
+    ttftSloMs: numberFlag(flags["ttft-slo"], "ttft-slo", 2000, positive),
+    tbtSloMs: numberFlag(flags["tbt-slo"], "tbt-slo", 250, positive),
     periodMs: 1000 * numberFlag(flags.period, "period", 60, positive),
     deltaFtMs: numberFlag(flags["delta-ft"], "delta-ft", 2000, positive),
     pairsPerStep: numberFlag(flags["pairs-per-step"], "pairs-per-step", 4, (n) => Number.isInteger(n) && n >= 1),
@@ -131,7 +133,11 @@ export async function simulateCommand(argv: string[]): Promise<void> {
 }
 
 function parseVariants(list: string): { name: string; policy: typeof POLICY_NAMES[number]; overrides: Partial<PolicyOptions> }[] {
-  const names = list === "all" ? [...POLICY_NAMES, ...Object.keys(ABLATIONS)] : list.split(",");
+  // "all" leaves out the DPO-loss-priority ablation: the simulator models time, not learning, so
+  // every pair keeps the fresh-adapter loss and the ablation would equal mace by construction.
+  const names = list === "all"
+    ? [...POLICY_NAMES, ...Object.keys(ABLATIONS).filter((n) => n !== "mace-no-loss-priority")]
+    : list.split(",");
   return names.map((name) => {
     if ((POLICY_NAMES as readonly string[]).includes(name)) {
       return { name, policy: name as typeof POLICY_NAMES[number], overrides: {} };

@@ -354,8 +354,14 @@ export class CoScheduler<T> {
       shape = addChunk(shape, req.numScheduled - req.evicted, 1, true);
       if (req.lastTokenAt >= 0) deadline = Math.min(deadline, req.lastTokenAt + p.tbtSloMs);
     }
-    // Without a running decode the iteration is still bounded, so new arrivals wait little.
-    const budgetMs = p.latencyMargin * (Number.isFinite(deadline) ? deadline - now : p.tbtSloMs);
+    // Without a running decode no TBT deadline binds: the budget is the TTFT slack of the most
+    // urgent prompt (at least one TBT SLO, so a late prompt still gets a full chunk).
+    let ttftSlack = Infinity;
+    for (const req of [...running, ...this.batch.waitingRequests]) {
+      if (req.firstTokenAt < 0) ttftSlack = Math.min(ttftSlack, req.submittedAt + p.ttftSloMs - now);
+    }
+    const budgetMs = p.latencyMargin *
+      (Number.isFinite(deadline) ? deadline - now : Math.max(p.tbtSloMs, Number.isFinite(ttftSlack) ? ttftSlack : 0));
     const memCap = p.tauMem * this.options.memoryBytes;
 
     // 2. δ_ft: fine-tuning that has waited too long goes in regardless of fit.
@@ -409,13 +415,20 @@ export class CoScheduler<T> {
       const next = this.peekSlice(now, p.gamma > 0);
       if (next) {
         const meanLoss = next.pairs.reduce((s, q) => s + q.loss, 0) / next.pairs.length;
+        const waited = now - this.finetuneClock;
+        // Fine-tuning's share of a serving iteration's slack grows with its wait (SLO urgency, as
+        // for prefills): just served, it runs only on an otherwise idle GPU and leaves the
+        // requests' latency alone; nearing δ_ft it may take all the slack; at δ_ft it is forced.
+        const share = Math.min(1, waited / p.deltaFtMs) ** 2;
         tasks.push({
-          priority: p.basePriority.finetune + p.agingPerS * (now - this.finetuneClock) / 1000 + p.gamma * meanLoss,
-          fit: () => ({
-            value: { slice: next },
-            memBytes: this.cost.finetuneBytes(next.shape),
-            timeMs: marginal({ ...shape, finetune: next.shape }),
-          }),
+          priority: p.basePriority.finetune + p.agingPerS * waited / 1000 + p.gamma * meanLoss,
+          fit: (left) => {
+            const timeMs = marginal({ ...shape, finetune: next.shape });
+            const serving = picks.length > 0 || prefills.length > 0;
+            const reserved = serving ? (1 - share) * capacity.timeMs : 0;
+            if (timeMs > left.timeMs - reserved + FIT_EPSILON) return null;
+            return { value: { slice: next }, memBytes: this.cost.finetuneBytes(next.shape), timeMs };
+          },
         });
       }
     }

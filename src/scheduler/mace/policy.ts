@@ -62,8 +62,8 @@ export interface PolicyOptions {
 }
 
 const BASE: Omit<PolicyOptions, "name"> = {
-  ttftSloMs: 1000,
-  tbtSloMs: 200,
+  ttftSloMs: 2000,
+  tbtSloMs: 250,
   tauMem: 0.9,
   lambdaMem: 1,
   lambdaTime: 1,

@@ -126,6 +126,7 @@ export function simulate(o: SimulationOptions): SimulationResult {
   const lastArrival = arrivals.at(-1)?.atMs ?? 0;
   const endLimit = lastArrival + (o.drainMs ?? 120_000);
 
+  const noMass = new Float32Array(mem.kvBlocks * mem.blockSize);
   let t = 0, next = 0, iterations = 0, versions = 0;
   for (;;) {
     while (next < arrivals.length && arrivals[next].atMs <= t) {
@@ -164,6 +165,9 @@ export function simulate(o: SimulationOptions): SimulationResult {
       ? { sampled: it.step.plan.sequences.map((s, i) => (s.sample ? 3 + (i % 7) : -1)), gpuMs: ms }
       : null;
     const effects = scheduler.complete(it, { result, ms }, t);
+    // KV pruning as the live loop does it; the simulator has no attention mass, so the heavy
+    // hitters tie and the sinks and the recent window decide (the cost is what is modelled).
+    for (const req of batch.pruneCandidates()) batch.prune(req, noMass);
     if (effects.publish) versions++;
     for (const req of effects.finished) {
       const a = byId.get(req.id)!;
