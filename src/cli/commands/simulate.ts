@@ -23,7 +23,7 @@ export const SIMULATE_HELP = `mace simulate --policy P[,P...]|all [--trace NAME|
   Defaults: retrain rate 0.3, TTFT SLO 2000 ms, TBT SLO 250 ms, duration 300 s, profile
   ${DEFAULT_PROFILE}, seed 1, KV budget (mace variants) 0 = no pruning (so mace-no-kv-pruning
   differs from mace only with --kv-budget N),
-  retraining period (periodic, synchronous) 60 s, δ_ft 2000 ms, 4 pairs per step.`;
+  retraining period (periodic, synchronous) 60 s, δ_ft 500 ms, 4 pairs per step.`;
 
 interface Row {
   name: string;
@@ -77,7 +77,7 @@ export async function simulateCommand(argv: string[]): Promise<void> {
     ttftSloMs: numberFlag(flags["ttft-slo"], "ttft-slo", 2000, positive),
     tbtSloMs: numberFlag(flags["tbt-slo"], "tbt-slo", 250, positive),
     periodMs: 1000 * numberFlag(flags.period, "period", 60, positive),
-    deltaFtMs: numberFlag(flags["delta-ft"], "delta-ft", 2000, positive),
+    deltaFtMs: numberFlag(flags["delta-ft"], "delta-ft", 500, positive),
     pairsPerStep: numberFlag(flags["pairs-per-step"], "pairs-per-step", 4, (n) => Number.isInteger(n) && n >= 1),
   };
   const trace = await loadTrace(flags.trace!);

@@ -68,7 +68,7 @@ const BASE: Omit<PolicyOptions, "name"> = {
   lambdaMem: 1,
   lambdaTime: 1,
   gamma: 1,
-  deltaFtMs: 2000,
+  deltaFtMs: 500,
   agingPerS: 0.05,
   basePriority: { decode: 3, prefill: 2, finetune: 0 },
   urgencyWeight: 1,
