@@ -130,6 +130,7 @@ export class MaceEngine implements Engine {
         numLayers: source.config.numLayers,
         memoryBytes: runner.memory.kvBytes + trainer.memory.activationBytes,
         metrics,
+        referenceCached: (item) => trainer.hasReference(item.payload),
       }, startMs);
       const eosIds = [...(source.generationConfig?.eosTokenIds ?? source.config.eosTokenIds)];
       const info: EngineInfo = {
@@ -358,6 +359,8 @@ export class MaceEngine implements Engine {
     const now = performance.now();
     const effects = this.scheduler.complete(it, { result: timing.step, ms: timing.ms, losses }, now);
     for (const req of effects.finished) this.settle(req.id, now, false);
+    // Pairs that will not be trained again give back their cached reference log-probs.
+    this.trainer.forgetReferences(effects.retired.map((p) => p.item.payload));
     if (effects.publish) {
       this.publishedAdapter = this.versions.publish(this.adapterName, await this.trainer.params.read());
     }

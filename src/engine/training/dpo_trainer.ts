@@ -385,6 +385,11 @@ export class DpoTrainer {
     return summarize(this.stepCount, await this.#readPairStats(this.#pairs.length));
   }
 
+  /** Drops the cached reference log-probs of pairs that will not be trained again. */
+  forgetReferences(pairs: readonly TrainingPair[]): void {
+    for (const p of pairs) this.#refCache.delete(pairKey(p));
+  }
+
   /** True when the reference log-probs of `pair` are cached (no reference slice needed). */
   hasReference(pair: TrainingPair): boolean {
     return this.#refCache.has(pairKey(pair));

@@ -21,7 +21,7 @@ import { bestFitPack, type Capacity, FIT_EPSILON, type PackTask } from "./packin
 import type { PolicyOptions } from "./policy.ts";
 import { SchedulerInvariantError } from "../errors.ts";
 
-export interface CoSchedulerOptions {
+export interface CoSchedulerOptions<T> {
   policy: PolicyOptions;
   batch: BatchScheduler;
   cost: CostModel;
@@ -29,6 +29,12 @@ export interface CoSchedulerOptions {
   /** Bytes an iteration's memory capacity is a share (τ_mem) of: KV pool + training activations. */
   memoryBytes: number;
   metrics?: MetricsRecorder;
+  /**
+   * Whether the executor holds a pair's reference log-probs (then its step needs no reference
+   * slices). Default: the pair's reference slices ran and it has not retired since (the
+   * simulator). The live engine asks its trainer, whose cache is the truth.
+   */
+  referenceCached?: (item: FeedbackItem<T>) => boolean;
 }
 
 /** One fine-tuning slice of the DPO step in progress. */
@@ -68,6 +74,8 @@ export interface IterationEffects<T> {
   finished: RequestState[];
   /** The pairs of a DPO step that just ended (its optimizer slice ran). */
   trained: QueuedPair<T>[];
+  /** Those of them that left the queue for good (their cached reference can go). */
+  retired: QueuedPair<T>[];
   /** Time to publish a new adapter version (every publishEvery optimizer steps). */
   publish: boolean;
 }
@@ -98,7 +106,7 @@ export class CoScheduler<T> {
   private nextIterationId = 0;
   private readonly requestTokens = new Map<RequestState, number>();
 
-  constructor(private readonly options: CoSchedulerOptions, startMs = 0) {
+  constructor(private readonly options: CoSchedulerOptions<T>, startMs = 0) {
     this.policy = options.policy;
     this.batch = options.batch;
     this.cost = options.cost;
@@ -188,7 +196,7 @@ export class CoScheduler<T> {
 
   /** Accounts a finished iteration (in the order scheduled). */
   complete(it: Iteration<T>, outcome: IterationOutcome, now: number): IterationEffects<T> {
-    const effects: IterationEffects<T> = { finished: [], trained: [], publish: false };
+    const effects: IterationEffects<T> = { finished: [], trained: [], retired: [], publish: false };
     this.cost.observe(it.shape, outcome.ms);
     this.metrics?.gpuBusy(Math.max(0, now - outcome.ms), now);
     if (it.step) {
@@ -211,7 +219,8 @@ export class CoScheduler<T> {
       if (ft.slice.kind === "reference") this.referenceDone.add(ft.pairs[ft.slice.pair].item.id);
       if (ft.slice.kind === "optimizer") {
         const losses = outcome.losses;
-        this.queue.trained(dpo.pairs, losses ?? dpo.pairs.map((p) => p.loss), now);
+        effects.retired = this.queue.trained(dpo.pairs, losses ?? dpo.pairs.map((p) => p.loss), now);
+        for (const p of effects.retired) this.referenceDone.delete(p.item.id);
         this.metrics?.trained(now, dpo.pairs.map((p, i) => ({ id: p.item.id, dpoLoss: losses?.[i] ?? null })));
         this.optimizerSteps++;
         effects.trained = dpo.pairs;
@@ -298,7 +307,9 @@ export class CoScheduler<T> {
         byPriority,
       }, among);
       if (this.job) this.job = this.job.filter((p) => !pairs.includes(p));
-      const cached = pairs.map((p) => this.referenceDone.has(p.item.id));
+      const cached = pairs.map((p) =>
+        this.options.referenceCached ? this.options.referenceCached(p.item) : this.referenceDone.has(p.item.id)
+      );
       this.dpo = { pairs, slices: planDpoSlices(cached, this.options.numLayers, this.policy.layersPerSlice), next: 0 };
     }
     const dpo = this.dpo;

@@ -78,9 +78,11 @@ export class FinetuneQueue<T> {
 
   /**
    * A step over `pairs` finished with these per-pair losses (measured in its forward slices):
-   * each pair leaves the queue, or stays for another training while its loss is high.
+   * each pair leaves the queue, or stays for another training while its loss is high. Returns
+   * the pairs that left.
    */
-  trained(pairs: readonly QueuedPair<T>[], losses: readonly number[], now: number): void {
+  trained(pairs: readonly QueuedPair<T>[], losses: readonly number[], now: number): QueuedPair<T>[] {
+    const retired: QueuedPair<T>[] = [];
     pairs.forEach((p, i) => {
       if (p.trainings === 0) this.untrainedCount--;
       p.trainings++;
@@ -89,8 +91,10 @@ export class FinetuneQueue<T> {
       p.readySince = now;
       if (p.trainings >= this.maxTrainings || p.loss <= this.retrainAboveLoss) {
         this.pairs.splice(this.pairs.indexOf(p), 1);
+        retired.push(p);
       }
     });
+    return retired;
   }
 
   /** Returns the pairs of an abandoned step to the queue untouched. */
