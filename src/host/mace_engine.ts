@@ -19,8 +19,7 @@ import { GREEDY, type SamplingParams } from "../engine/step.ts";
 import { EngineClosedError, InvalidRequestError } from "../engine/errors.ts";
 import { LORA_TARGETS, type LoraConfig, type LoraTarget, type LoraWeights } from "../engine/lora/lora.ts";
 import { DpoTrainer, type TrainingPair } from "../engine/training/dpo_trainer.ts";
-import { BlockManager } from "../scheduler/block_manager.ts";
-import { BatchScheduler } from "../scheduler/batch_scheduler.ts";
+import type { BatchScheduler } from "../scheduler/batch_scheduler.ts";
 import { CostModel } from "../scheduler/cost_model.ts";
 import { MetricsRecorder } from "../scheduler/metrics.ts";
 import type { RequestState } from "../scheduler/request.ts";
@@ -41,6 +40,8 @@ import type {
 import { AdapterVersions } from "./adapter_versions.ts";
 import { BUNDLED_MODEL } from "./defaults.ts";
 import { runIteration } from "./iteration.ts";
+import { pruneOverBudget } from "../scheduler/engine_loop.ts";
+import { schedulerForRunner } from "./runner_scheduler.ts";
 
 interface LiveRequest {
   requestId: string;
@@ -108,16 +109,8 @@ export class MaceEngine implements Engine {
       });
       trainer.initialize(ft.seed ?? 0);
       const { capacity } = runner;
-      const blockManager = new BlockManager({
-        numBlocks: runner.kvBlocks,
-        blockSize: capacity.blockSize,
-        enablePrefixCaching: policy.prefixSharing,
-      });
-      const batch = new BatchScheduler({
-        blockManager,
-        maxTokensPerStep: capacity.maxTokens,
-        maxSeqsPerStep: capacity.maxSeqs,
-        maxContext: capacity.maxBlocksPerSeq * capacity.blockSize,
+      const { blockManager, batch } = schedulerForRunner(runner, {
+        prefixCaching: policy.prefixSharing,
         kvBudget: policy.kvBudget,
       });
       const startMs = performance.now();
@@ -321,7 +314,7 @@ export class MaceEngine implements Engine {
           continue;
         }
         await this.execute(it);
-        await this.prune();
+        await pruneOverBudget(this.batch, this.runner);
       } catch (error) {
         this.fail(error);
         return;
@@ -363,17 +356,6 @@ export class MaceEngine implements Engine {
     this.trainer.forgetReferences(effects.retired.map((p) => p.item.payload));
     if (effects.publish) {
       this.publishedAdapter = this.versions.publish(this.adapterName, await this.trainer.params.read());
-    }
-  }
-
-  /** KV pruning of requests over their budget (reads the attention mass after the last step). */
-  private async prune(): Promise<void> {
-    const candidates = this.batch.pruneCandidates();
-    if (candidates.length === 0) return;
-    const mass = await this.runner.readMass();
-    for (const req of candidates) {
-      const edit = this.batch.prune(req, mass);
-      if (edit) await this.runner.applyKvEdit(edit);
     }
   }
 

@@ -8,13 +8,13 @@ import type { GpuContext } from "../engine/gpu/context.ts";
 import type { ModelSource } from "../engine/model/source.ts";
 import { ModelRunner, type RunnerOptions } from "../engine/runner/model_runner.ts";
 import type { SamplingParams } from "../engine/step.ts";
-import { BlockManager } from "../scheduler/block_manager.ts";
-import { BatchScheduler } from "../scheduler/batch_scheduler.ts";
+import type { BlockManager } from "../scheduler/block_manager.ts";
 import { EngineLoop, type EngineLoopOptions } from "../scheduler/engine_loop.ts";
 import type { RequestOutput } from "../scheduler/request.ts";
 import type { PruningPolicy } from "../scheduler/kv_pruning.ts";
 import type { LoraWeights } from "../engine/lora/lora.ts";
 import { AdapterVersions } from "./adapter_versions.ts";
+import { schedulerForRunner } from "./runner_scheduler.ts";
 
 export interface ServingOptions extends RunnerOptions, EngineLoopOptions {
   /** Share KV blocks between requests with a common prefix (default on). */
@@ -59,17 +59,8 @@ export class ServingEngine {
   ): Promise<ServingEngine> {
     const runner = await ModelRunner.create(ctx, source, options);
     await runner.warmUp();
-    const { capacity } = runner;
-    const blockManager = new BlockManager({
-      numBlocks: runner.kvBlocks,
-      blockSize: capacity.blockSize,
-      enablePrefixCaching: options.prefixCaching ?? true,
-    });
-    const scheduler = new BatchScheduler({
-      blockManager,
-      maxTokensPerStep: capacity.maxTokens,
-      maxSeqsPerStep: capacity.maxSeqs,
-      maxContext: capacity.maxBlocksPerSeq * capacity.blockSize,
+    const { blockManager, batch: scheduler } = schedulerForRunner(runner, {
+      prefixCaching: options.prefixCaching ?? true,
       kvBudget: options.kvBudget,
       pruning: options.pruning,
     });

@@ -26,6 +26,23 @@ export interface EngineLoopOptions {
   onStep?: (step: ScheduledStep, result: StepResult) => void;
 }
 
+/**
+ * Prunes the KV of every request over its budget (H2O: the policy keeps slots by the attention
+ * mass read from the GPU) and applies the edits. Call with no step in flight.
+ */
+export async function pruneOverBudget(
+  scheduler: BatchScheduler,
+  executor: Pick<StepExecutor, "readMass" | "applyKvEdit">,
+): Promise<void> {
+  const candidates = scheduler.pruneCandidates();
+  if (candidates.length === 0) return;
+  const mass = await executor.readMass();
+  for (const req of candidates) {
+    const edit = scheduler.prune(req, mass);
+    if (edit) await executor.applyKvEdit(edit);
+  }
+}
+
 interface Pending {
   resolve: (output: RequestOutput) => void;
   reject: (error: unknown) => void;
@@ -77,15 +94,6 @@ export class EngineLoop {
     this.options.onStep?.(done.step, result);
   }
 
-  private async prune(): Promise<void> {
-    const candidates = this.scheduler.pruneCandidates();
-    if (candidates.length === 0) return;
-    const mass = await this.executor.readMass();
-    for (const req of candidates) {
-      const edit = this.scheduler.prune(req, mass);
-      if (edit) await this.executor.applyKvEdit(edit);
-    }
-  }
 
   private async run(): Promise<void> {
     const inFlight: { step: ScheduledStep; result: Promise<StepResult> }[] = [];
@@ -96,7 +104,7 @@ export class EngineLoop {
         if (this.scheduler.pruneCandidates().length > 0) {
           // Pruning reads the mass of every computed slot: account every step in flight first.
           while (inFlight.length > 0) await this.finish(inFlight.shift()!);
-          await this.prune();
+          await pruneOverBudget(this.scheduler, this.executor);
         }
         const step = this.scheduler.schedule();
         if (step) inFlight.push({ step, result: this.executor.execute(step.plan) });

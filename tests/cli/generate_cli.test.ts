@@ -3,21 +3,10 @@
  * a JSONL workload, and clear errors for bad input.
  */
 import assert from "node:assert/strict";
+import { mace, ROOT } from "../helpers/cli.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname;
 const GOLDEN = (await Deno.readTextFile(ROOT + "models/stories260K/greedy_200.txt")).replace(/\n$/, "");
 
-async function mace(...args: string[]) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", ROOT + "src/cli/mace.ts", ...args],
-    cwd: ROOT,
-    env: { MACE_BACKEND: "wgpu" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: out.code, stdout: decode(out.stdout), stderr: decode(out.stderr) };
-}
 
 Deno.test("cli: generate --json from BOS prints the golden greedy start, TTFT and per-token times", async () => {
   const { code, stdout } = await mace("generate", "--backend", "wgpu", "--max-tokens", "30", "--json");

@@ -4,23 +4,18 @@
  * both runs' metrics under the same names and the simulator's error per metric.
  */
 import assert from "node:assert/strict";
+import { mace } from "../helpers/cli.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname;
 
 Deno.test("cli: loadtest serves a Poisson load with feedback through the worker and compares it with the simulator", async () => {
   const dir = await Deno.makeTempDir({ prefix: "mace-loadtest-" });
   try {
     const out = `${dir}/report.json`;
-    const run = await new Deno.Command(Deno.execPath(), {
-      args: [
-        "run", "-A", ROOT + "src/cli/mace.ts", "loadtest", "--backend", "wgpu", "--duration", "8", "--rate", "1.5",
-        "--retrain-rate", "0.5", "--max-prompt", "48", "--max-output", "24", "--seed", "3", "--out", out,
-      ],
-      cwd: ROOT,
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const stdout = new TextDecoder().decode(run.stdout), stderr = new TextDecoder().decode(run.stderr);
+    const run = await mace(
+      "loadtest", "--backend", "wgpu", "--duration", "8", "--rate", "1.5", "--retrain-rate", "0.5",
+      "--max-prompt", "48", "--max-output", "24", "--seed", "3", "--out", out,
+    );
+    const { stdout, stderr } = run;
     assert.equal(run.code, 0, stderr);
     assert.match(stdout, /^live\s/m);
     assert.match(stdout, /^simulated\s/m);

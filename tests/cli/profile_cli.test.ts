@@ -31,19 +31,9 @@ import { ProfileFormatError } from "../../src/engine/errors.ts";
 import { openModel } from "../../src/engine/model/open_model.ts";
 import { targetShape } from "../../src/engine/lora/lora.ts";
 import { assertClose } from "../helpers/tolerance.ts";
+import { mace, ROOT } from "../helpers/cli.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname;
 
-async function mace(...args: string[]) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", ROOT + "src/cli/mace.ts", ...args],
-    cwd: ROOT,
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: out.code, stdout: decode(out.stdout), stderr: decode(out.stderr) };
-}
 
 interface Sample {
   label: string;

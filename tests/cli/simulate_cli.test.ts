@@ -4,19 +4,9 @@
  * a seed; the Markdown table has a row per policy; bad flags are named errors.
  */
 import assert from "node:assert/strict";
+import { mace } from "../helpers/cli.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname;
 
-async function mace(...args: string[]) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", ROOT + "src/cli/mace.ts", ...args],
-    cwd: ROOT,
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: out.code, stdout: decode(out.stdout), stderr: decode(out.stderr) };
-}
 
 Deno.test("cli: simulate prints every policy's metrics as JSON, the same for the same seed", async () => {
   const args = ["simulate", "--policy", "all", "--rate", "0.5", "--duration", "60", "--retrain-rate", "0.2,0.6", "--json"];

@@ -15,20 +15,10 @@ import { readPreferencePairs } from "../../src/engine/training/preferences.ts";
 import { tokenizePairs } from "../../src/engine/training/tokenize_pairs.ts";
 import { assertClose } from "../helpers/tolerance.ts";
 import { randn } from "../helpers/random.ts";
+import { mace, ROOT } from "../helpers/cli.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname;
 const MODEL = ROOT + "models/stories260K";
 
-async function mace(...args: string[]) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", ROOT + "src/cli/mace.ts", ...args],
-    cwd: ROOT,
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code: out.code, stdout: decode(out.stdout), stderr: decode(out.stderr) };
-}
 
 const PAIR = {
   prompt: "Once upon a time, there was a little girl named Lily.",
