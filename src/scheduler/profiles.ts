@@ -32,14 +32,6 @@ export function profilePath(deviceSlug: string, model: string): string {
 export const DEFAULT_PROFILE = profilePath(DEFAULT_DEVICE_SLUG, BUNDLED_MODEL_NAME);
 
 /**
- * The shipped profile for a model path (a folder or a checkpoint file) on a device; by default
- * the device the repository's profiles were measured on.
- */
-export function defaultProfilePath(modelPath: string, deviceSlug = DEFAULT_DEVICE_SLUG): string {
-  return profilePath(deviceSlug, modelName(modelPath));
-}
-
-/**
  * A model's name from its path: the folder's or the file's basename without its extension
  * ("models/stories260K/" -> "stories260K", "ckpt/stories15M.bin" -> "stories15M").
  */

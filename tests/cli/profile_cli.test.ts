@@ -19,7 +19,6 @@ import {
 } from "../../src/scheduler/cost_model.ts";
 import {
   DEFAULT_PROFILE,
-  defaultProfilePath,
   deviceSlug,
   loadProfile,
   modelName,
@@ -171,7 +170,7 @@ Deno.test("profiles: names, the shipped default, and named errors for missing or
   assert.equal(modelName("/x/models/stories260K/"), "stories260K");
   assert.equal(modelName("ckpt/stories15M.bin"), "stories15M");
   assert.equal(profilePath("lavapipe", "stories260K"), `${PROFILES_DIR}lavapipe--stories260K.json`);
-  assert.equal(DEFAULT_PROFILE, defaultProfilePath(ROOT + "models/stories260K"));
+  assert.equal(DEFAULT_PROFILE, profilePath("lavapipe", modelName(ROOT + "models/stories260K")));
   assert.equal(DEFAULT_PROFILE, ROOT + "profiles/lavapipe--stories260K.json");
 
   // The shipped profile of the bundled model is a real measurement that validates.

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { LoraDropout } from "../../src/engine/kernels/lora_dropout.ts";
 import { dropoutKeeps, loraDropout } from "../../src/engine/reference/dropout.ts";
-import { createStorage, createUniform, packUniform, readF32, uploadStorage } from "../../src/engine/gpu/buffers.ts";
+import { createUniform, packUniform, readF32, uploadStorage } from "../../src/engine/gpu/buffers.ts";
 import { runPass } from "../../src/engine/gpu/kernel.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";
 import { assertClose, F32 } from "../helpers/tolerance.ts";

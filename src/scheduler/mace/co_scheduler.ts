@@ -261,10 +261,6 @@ export class CoScheduler<T> {
     }
   }
 
-  /** The DPO step in progress, if any (read by tests and the live executor). */
-  get currentStep(): Readonly<DpoStep<T>> | null {
-    return this.dpo;
-  }
 
   // -------------------------------------------------------------------------------------------
   // Fine-tuning work
