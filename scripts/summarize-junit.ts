@@ -18,5 +18,7 @@ for (const path of Deno.args) {
   }
 }
 const passed = tests - failed - skipped;
-console.log(`${passed} passed, ${failed + missing} failed` + (skipped ? `, ${skipped} skipped` : ""));
+console.log(
+  `${passed} passed, ${failed + missing} failed` + (skipped ? `, ${skipped} skipped` : ""),
+);
 Deno.exit(failed + missing > 0 ? 1 : 0);

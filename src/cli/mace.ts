@@ -23,13 +23,16 @@ const COMMANDS: Record<string, { run: (argv: string[]) => Promise<void>; help: s
 };
 
 function usage(): string {
-  return "usage: mace <command> [flags]\n\n" + Object.values(COMMANDS).map((c) => c.help).join("\n\n");
+  return "usage: mace <command> [flags]\n\n" +
+    Object.values(COMMANDS).map((c) => c.help).join("\n\n");
 }
 
 const [name, ...rest] = Deno.args;
 const command = name ? COMMANDS[name] : undefined;
 if (!command) {
-  console.error(name && name !== "help" ? `mace: unknown command "${name}"\n\n${usage()}` : usage());
+  console.error(
+    name && name !== "help" ? `mace: unknown command "${name}"\n\n${usage()}` : usage(),
+  );
   Deno.exit(name && name !== "help" ? 2 : 0);
 }
 try {

@@ -74,7 +74,9 @@ export class UnknownAdapterError extends MaceError {
   override readonly code = "unknown_adapter";
   constructor(readonly adapter: string, readonly known: readonly string[]) {
     super(
-      `unknown adapter "${adapter}"; known: ${known.length > 0 ? known.join(", ") : "none (publish or load one first)"}`,
+      `unknown adapter "${adapter}"; known: ${
+        known.length > 0 ? known.join(", ") : "none (publish or load one first)"
+      }`,
     );
   }
 }

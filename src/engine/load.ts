@@ -10,11 +10,15 @@ export interface LoadedModel {
 }
 
 /** `tokenizerPath`: a tokenizer.json folder or a llama2.c tokenizer .bin, overriding the model's own. */
-export async function openModelWithTokenizer(path: string, tokenizerPath?: string): Promise<LoadedModel> {
+export async function openModelWithTokenizer(
+  path: string,
+  tokenizerPath?: string,
+): Promise<LoadedModel> {
   const source = await openModel(path, tokenizerPath ? { tokenizer: tokenizerPath } : undefined);
   let tokenizer: Tokenizer;
-  if (source.llama2cTokenizerPath) tokenizer = await loadLlama2cTokenizer(source.llama2cTokenizerPath);
-  else if (source.tokenizerDir) tokenizer = await loadTokenizerDir(source.tokenizerDir);
+  if (source.llama2cTokenizerPath) {
+    tokenizer = await loadLlama2cTokenizer(source.llama2cTokenizerPath);
+  } else if (source.tokenizerDir) tokenizer = await loadTokenizerDir(source.tokenizerDir);
   else {
     throw new ModelFormatError(
       path,

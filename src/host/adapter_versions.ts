@@ -47,7 +47,10 @@ export class AdapterVersions {
 
   /** Every resident version: the newest of each name plus older ones still in use. */
   list(): (AdapterVersion & { newest: boolean })[] {
-    return [...this.versions.values()].map((v) => ({ ...v, newest: this.newestVersion.get(v.name) === v.version }));
+    return [...this.versions.values()].map((v) => ({
+      ...v,
+      newest: this.newestVersion.get(v.name) === v.version,
+    }));
   }
 
   /** The newest version id of `name`, or null if none was published. */

@@ -17,14 +17,19 @@ import { openModelWithTokenizer } from "../engine/load.ts";
 import { ModelRunner } from "../engine/runner/model_runner.ts";
 import { GREEDY, type SamplingParams } from "../engine/step.ts";
 import { EngineClosedError, InvalidRequestError } from "../engine/errors.ts";
-import { LORA_TARGETS, type LoraConfig, type LoraTarget, type LoraWeights } from "../engine/lora/lora.ts";
+import {
+  LORA_TARGETS,
+  type LoraConfig,
+  type LoraTarget,
+  type LoraWeights,
+} from "../engine/lora/lora.ts";
 import { DpoTrainer, type TrainingPair } from "../engine/training/dpo_trainer.ts";
 import type { BatchScheduler } from "../scheduler/batch_scheduler.ts";
 import { CostModel } from "../scheduler/cost_model.ts";
 import { MetricsRecorder } from "../scheduler/metrics.ts";
 import type { RequestState } from "../scheduler/request.ts";
 import { CoScheduler, type Iteration } from "../scheduler/mace/co_scheduler.ts";
-import { policyOptions, type PolicyOptions } from "../scheduler/mace/policy.ts";
+import { type PolicyOptions, policyOptions } from "../scheduler/mace/policy.ts";
 import { DEFAULT_PROFILE, loadProfile } from "../scheduler/profiles.ts";
 import type {
   AdapterInfo,
@@ -136,8 +141,18 @@ export class MaceEngine implements Engine {
         eosIds,
       };
       return new MaceEngine(
-        ctx, runner, trainer, batch, scheduler, cost, metrics, new AdapterVersions(runner, blockManager), policy,
-        info, ft.adapterName ?? "mace", startMs,
+        ctx,
+        runner,
+        trainer,
+        batch,
+        scheduler,
+        cost,
+        metrics,
+        new AdapterVersions(runner, blockManager),
+        policy,
+        info,
+        ft.adapterName ?? "mace",
+        startMs,
       );
     } catch (error) {
       ctx.destroy();
@@ -157,15 +172,22 @@ export class MaceEngine implements Engine {
     }
   }
 
-  private submit(request: GenerateRequest, onToken?: (token: number) => void): Promise<GenerateResult> {
+  private submit(
+    request: GenerateRequest,
+    onToken?: (token: number) => void,
+  ): Promise<GenerateResult> {
     if (this.closed) throw new EngineClosedError("the engine is closed; create a new one");
-    if (typeof request !== "object" || request === null) throw new InvalidRequestError("request must be an object");
+    if (typeof request !== "object" || request === null) {
+      throw new InvalidRequestError("request must be an object");
+    }
     this.checkTokens(request.prompt, "prompt");
     const requestId = request.requestId ?? `req-${this.nextSeqId}`;
     if (typeof requestId !== "string" || requestId.length === 0) {
       throw new InvalidRequestError("requestId must be a non-empty string");
     }
-    if (this.byRequestId.has(requestId)) throw new InvalidRequestError(`request id "${requestId}" is already in use`);
+    if (this.byRequestId.has(requestId)) {
+      throw new InvalidRequestError(`request id "${requestId}" is already in use`);
+    }
     const sampling: SamplingParams = { ...GREEDY, ...request.sampling };
     // Without an explicit adapter a request runs on the newest adapter the fine-tuner published.
     const adapter = request.adapter ?? this.versions.newest(this.adapterName) ?? undefined;
@@ -209,11 +231,15 @@ export class MaceEngine implements Engine {
     try {
       if (this.closed) throw new EngineClosedError("the engine is closed; create a new one");
       if (!Array.isArray(pairs) || pairs.length === 0) {
-        throw new InvalidRequestError("feedback must be a non-empty array of {prompt, chosen, rejected} pairs");
+        throw new InvalidRequestError(
+          "feedback must be a non-empty array of {prompt, chosen, rejected} pairs",
+        );
       }
       const maxLength = this.trainer.options.maxLength;
       const items = pairs.map((pair, i) => {
-        if (typeof pair !== "object" || pair === null) throw new InvalidRequestError(`pair ${i}: not an object`);
+        if (typeof pair !== "object" || pair === null) {
+          throw new InvalidRequestError(`pair ${i}: not an object`);
+        }
         this.checkTokens(pair.prompt, `pair ${i}: prompt`);
         this.checkTokens(pair.chosen, `pair ${i}: chosen`);
         this.checkTokens(pair.rejected, `pair ${i}: rejected`);
@@ -224,7 +250,11 @@ export class MaceEngine implements Engine {
               `shorten the prompt or the responses`,
           );
         }
-        const payload: TrainingPair = { prompt: [...pair.prompt], chosen: [...pair.chosen], rejected: [...pair.rejected] };
+        const payload: TrainingPair = {
+          prompt: [...pair.prompt],
+          chosen: [...pair.chosen],
+          rejected: [...pair.rejected],
+        };
         const tokens = 2 * pair.prompt.length + pair.chosen.length + pair.rejected.length;
         return { id: this.nextPairId++, tokens, payload };
       });
@@ -238,7 +268,13 @@ export class MaceEngine implements Engine {
 
   adapters(): Promise<AdapterInfo[]> {
     return Promise.resolve(
-      this.versions.list().map(({ id, name, version, users, newest }) => ({ id, name, version, users, newest })),
+      this.versions.list().map(({ id, name, version, users, newest }) => ({
+        id,
+        name,
+        version,
+        users,
+        newest,
+      })),
     );
   }
 
@@ -289,7 +325,9 @@ export class MaceEngine implements Engine {
     }
     const bad = tokens.findIndex((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
     if (bad >= 0) {
-      throw new InvalidRequestError(`${what}: token ${bad} is ${tokens[bad]}, not an id in [0, ${vocab})`);
+      throw new InvalidRequestError(
+        `${what}: token ${bad} is ${tokens[bad]}, not an id in [0, ${vocab})`,
+      );
     }
   }
 
@@ -344,18 +382,30 @@ export class MaceEngine implements Engine {
   private async execute(it: Iteration<TrainingPair>): Promise<void> {
     const ft = it.finetune;
     // The trainer checks and loads the step's pairs; its slices are the scheduler's (same planner).
-    if (ft?.startsStep) this.trainer.planStep(ft.pairs.map((p) => p.item.payload), this.policy.layersPerSlice);
-    const timing = await runIteration(this.runner, this.trainer, { plan: it.step?.plan ?? null, slice: ft?.slice ?? null });
+    if (ft?.startsStep) {
+      this.trainer.planStep(ft.pairs.map((p) => p.item.payload), this.policy.layersPerSlice);
+    }
+    const timing = await runIteration(this.runner, this.trainer, {
+      plan: it.step?.plan ?? null,
+      slice: ft?.slice ?? null,
+    });
     const losses = ft?.slice.kind === "optimizer"
       ? (await this.trainer.readStepStats()).perPair.map((p) => p.loss)
       : undefined;
     const now = performance.now();
-    const effects = this.scheduler.complete(it, { result: timing.step, ms: timing.ms, losses }, now);
+    const effects = this.scheduler.complete(
+      it,
+      { result: timing.step, ms: timing.ms, losses },
+      now,
+    );
     for (const req of effects.finished) this.settle(req.id, now, false);
     // Pairs that will not be trained again give back their cached reference log-probs.
     this.trainer.forgetReferences(effects.retired.map((p) => p.item.payload));
     if (effects.publish) {
-      this.publishedAdapter = this.versions.publish(this.adapterName, await this.trainer.params.read());
+      this.publishedAdapter = this.versions.publish(
+        this.adapterName,
+        await this.trainer.params.read(),
+      );
     }
   }
 
@@ -365,7 +415,12 @@ export class MaceEngine implements Engine {
     this.live.delete(seqId);
     this.byRequestId.delete(live.requestId);
     if (live.adapterId !== undefined) this.versions.release(live.adapterId);
-    live.resolve({ ...live.state.result(now), requestId: live.requestId, cancelled, adapterId: live.adapterId });
+    live.resolve({
+      ...live.state.result(now),
+      requestId: live.requestId,
+      cancelled,
+      adapterId: live.adapterId,
+    });
   }
 
   /** A failed iteration leaves the GPU state unknown: every live request fails with the error. */
@@ -384,7 +439,9 @@ export class MaceEngine implements Engine {
 function parseTargets(targets: readonly string[]): LoraTarget[] {
   for (const t of targets) {
     if (!(LORA_TARGETS as readonly string[]).includes(t)) {
-      throw new InvalidRequestError(`unknown LoRA target "${t}"; use some of ${LORA_TARGETS.join(", ")}`);
+      throw new InvalidRequestError(
+        `unknown LoRA target "${t}"; use some of ${LORA_TARGETS.join(", ")}`,
+      );
     }
   }
   return LORA_TARGETS.filter((t) => targets.includes(t));

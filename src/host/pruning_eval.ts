@@ -30,7 +30,11 @@ export async function scoreWithPruning(
 ): Promise<PruningEvalResult> {
   const { blockSize } = runner.capacity;
   const vocab = runner.config.vocabSize;
-  const blocks = new BlockManager({ numBlocks: runner.kvBlocks, blockSize, enablePrefixCaching: false });
+  const blocks = new BlockManager({
+    numBlocks: runner.kvBlocks,
+    blockSize,
+    enablePrefixCaching: false,
+  });
   const seqId = 0;
   let evicted = 0, pruneEvents = 0, peakBlocks = 0, logLikelihood = 0;
   /** Position of the token in each KV slot. */
@@ -41,8 +45,16 @@ export async function scoreWithPruning(
       if (budget > 0 && t - evicted >= budget) {
         const mass = await runner.readMass();
         const table = blocks.blockTable(seqId);
-        const keep = selectKeptSlots(t - evicted, budget - blockSize, policy, (slot) =>
-          meanAttentionMass(mass[table[Math.floor(slot / blockSize)] * blockSize + (slot % blockSize)], t - positions[slot]));
+        const keep = selectKeptSlots(
+          t - evicted,
+          budget - blockSize,
+          policy,
+          (slot) =>
+            meanAttentionMass(
+              mass[table[Math.floor(slot / blockSize)] * blockSize + (slot % blockSize)],
+              t - positions[slot],
+            ),
+        );
         positions = keep.map((slot) => positions[slot]);
         const edit = blocks.prune(seqId, keep)!;
         await runner.applyKvEdit(edit);
@@ -54,8 +66,14 @@ export async function scoreWithPruning(
     peakBlocks = Math.max(peakBlocks, blocks.blockTable(seqId).length);
     await runner.execute({
       sequences: [{
-        seqId, tokens: [text[t]], startPosition: t, startSlot: t - evicted,
-        blockTable: blocks.blockTable(seqId), sample: true, sampling: GREEDY, trackMass: budget > 0,
+        seqId,
+        tokens: [text[t]],
+        startPosition: t,
+        startSlot: t - evicted,
+        blockTable: blocks.blockTable(seqId),
+        sample: true,
+        sampling: GREEDY,
+        trackMass: budget > 0,
       }],
     });
     blocks.commitTokens(seqId, [text[t]]);
@@ -63,7 +81,13 @@ export async function scoreWithPruning(
     logLikelihood += logSoftmaxAt(await runner.readLogits(1), vocab, text[t + 1]);
   }
   blocks.checkIntegrity();
-  return { logLikelihood, tokensScored: text.length - 1, peakBlocks, evictedTokens: evicted, pruneEvents };
+  return {
+    logLikelihood,
+    tokensScored: text.length - 1,
+    peakBlocks,
+    evictedTokens: evicted,
+    pruneEvents,
+  };
 }
 
 function logSoftmaxAt(logits: Float32Array, vocab: number, id: number): number {

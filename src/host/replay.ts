@@ -29,18 +29,31 @@ export interface ReplayResult {
   feedback: number;
 }
 
-export async function replayWorkload(engine: Engine, workload: readonly Arrival[], o: ReplayOptions): Promise<ReplayResult> {
+export async function replayWorkload(
+  engine: Engine,
+  workload: readonly Arrival[],
+  o: ReplayOptions,
+): Promise<ReplayResult> {
   const start = performance.now();
   let feedback = 0;
   const runs = workload.map(async (a) => {
     const wait = start + a.atMs - performance.now();
     if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
     const prompt = syntheticPrompt(a, o.sharedPrefixTokens, o.vocabSize);
-    const result = await engine.generate({ prompt, maxTokens: a.outputTokens, ignoreEos: true, requestId: `r${a.id}` });
+    const result = await engine.generate({
+      prompt,
+      maxTokens: a.outputTokens,
+      ignoreEos: true,
+      requestId: `r${a.id}`,
+    });
     if (a.feedback) {
       const { promptLength, responseLength } = feedbackShape(a, o.trainMaxLength);
       const chosen = result.tokens.slice(0, responseLength);
-      await engine.submitFeedback([{ prompt: prompt.slice(0, promptLength), chosen, rejected: [...chosen].reverse() }]);
+      await engine.submitFeedback([{
+        prompt: prompt.slice(0, promptLength),
+        chosen,
+        rejected: [...chosen].reverse(),
+      }]);
       feedback++;
     }
     o.onResult?.(result, a);

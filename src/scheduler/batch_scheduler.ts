@@ -21,7 +21,12 @@ import { FEEDBACK_TOKEN } from "../engine/step.ts";
 import { InvalidRequestError } from "../engine/errors.ts";
 import type { BlockManager } from "./block_manager.ts";
 import { type GenerationRequest, RequestState } from "./request.ts";
-import { DEFAULT_PRUNING, meanAttentionMass, type PruningPolicy, selectKeptSlots } from "./kv_pruning.ts";
+import {
+  DEFAULT_PRUNING,
+  meanAttentionMass,
+  type PruningPolicy,
+  selectKeptSlots,
+} from "./kv_pruning.ts";
 import type { KvEdit } from "../engine/step.ts";
 
 export interface BatchSchedulerOptions {
@@ -86,7 +91,11 @@ export class BatchScheduler {
     }
     const budget = request.kvBudget ?? this.options.kvBudget ?? 0;
     const policy = this.options.pruning ?? DEFAULT_PRUNING;
-    if (budget !== 0 && (!Number.isInteger(budget) || budget < policy.sinks + policy.window + this.options.blockManager.blockSize)) {
+    if (
+      budget !== 0 &&
+      (!Number.isInteger(budget) ||
+        budget < policy.sinks + policy.window + this.options.blockManager.blockSize)
+    ) {
       throw new InvalidRequestError(
         `request ${request.id}: a KV budget of ${budget} tokens is below sinks (${policy.sinks}) + ` +
           `window (${policy.window}) + one block (${this.options.blockManager.blockSize}); raise it or use 0 (no pruning)`,
@@ -156,7 +165,9 @@ export class BatchScheduler {
 
     if (picks) {
       for (const { request, maxTokens } of picks) {
-        if (request.finished || (!this.admissions.has(request) && !this.admitWaiting(request))) continue;
+        if (request.finished || (!this.admissions.has(request) && !this.admitWaiting(request))) {
+          continue;
+        }
         tryAdd(request, maxTokens);
       }
     } else {
@@ -254,7 +265,9 @@ export class BatchScheduler {
         req.reservedSlots = end - req.evicted;
         return true;
       }
-      const victim = this.running.findLast((r) => r !== req && !inStep.has(r) && r.pendingSamples === 0);
+      const victim = this.running.findLast((r) =>
+        r !== req && !inStep.has(r) && r.pendingSamples === 0
+      );
       if (!victim) return false;
       this.preempt(victim);
     }
@@ -304,7 +317,8 @@ export class BatchScheduler {
       const slots = req.numScheduled - req.evicted;
       // A prompt still being prefilled holds slots reserved for tokens not computed yet: it is
       // pruned once its prefill is done.
-      return budget > 0 && slots >= budget && req.numScheduled < req.length && req.reservedSlots === slots;
+      return budget > 0 && slots >= budget && req.numScheduled < req.length &&
+        req.reservedSlots === slots;
     });
   }
 
@@ -325,7 +339,11 @@ export class BatchScheduler {
       slots,
       this.budgetOf(req) - B,
       this.options.pruning ?? DEFAULT_PRUNING,
-      (slot) => meanAttentionMass(mass[table[Math.floor(slot / B)] * B + (slot % B)], req.numScheduled - position(slot)),
+      (slot) =>
+        meanAttentionMass(
+          mass[table[Math.floor(slot / B)] * B + (slot % B)],
+          req.numScheduled - position(slot),
+        ),
     );
     const edit = bm.prune(req.id, keep);
     if (!edit) return null;
@@ -345,7 +363,9 @@ export class BatchScheduler {
    */
   cancel(id: number, now: number): RequestState | null {
     const waitingIndex = this.waiting.findIndex((r) => r.id === id);
-    const req = waitingIndex >= 0 ? this.waiting.splice(waitingIndex, 1)[0] : this.running.find((r) => r.id === id);
+    const req = waitingIndex >= 0
+      ? this.waiting.splice(waitingIndex, 1)[0]
+      : this.running.find((r) => r.id === id);
     if (!req) return null;
     if (this.admissions.has(req)) {
       this.options.blockManager.free(req.id);

@@ -164,7 +164,8 @@ export class BlockManager {
     }
     const blockTable = [...shared.map((node) => node.block), ...this.takeBlocks(fresh)];
     const numCached = shared.length * this.blockSize;
-    const lastNode = shared.at(-1) ?? (this.enablePrefixCaching ? this.trie.rootOf(adapterId) : this.trie.root);
+    const lastNode = shared.at(-1) ??
+      (this.enablePrefixCaching ? this.trie.rootOf(adapterId) : this.trie.root);
     this.clock++;
     this.trie.touchPath(lastNode, this.clock);
     this.sequences.set(seqId, {
@@ -260,7 +261,10 @@ export class BlockManager {
       );
     }
     keep.forEach((slot, i) => {
-      if (!Number.isInteger(slot) || slot < 0 || slot >= seq.numSlots || (i > 0 && slot <= keep[i - 1])) {
+      if (
+        !Number.isInteger(slot) || slot < 0 || slot >= seq.numSlots ||
+        (i > 0 && slot <= keep[i - 1])
+      ) {
         throw new BlockManagerUsageError(
           `prune: sequence ${seqId}: keep must list ascending slots below ${seq.numSlots}`,
         );
@@ -342,7 +346,9 @@ export class BlockManager {
   dropAdapter(adapterId: string): void {
     for (const [seqId, seq] of this.sequences) {
       if (seq.adapterId === adapterId) {
-        throw new BlockManagerUsageError(`dropAdapter: sequence ${seqId} still runs on adapter "${adapterId}"`);
+        throw new BlockManagerUsageError(
+          `dropAdapter: sequence ${seqId} still runs on adapter "${adapterId}"`,
+        );
       }
     }
     for (const block of this.trie.dropNamespace(adapterId)) this.freeList.add(block);
@@ -500,7 +506,9 @@ export class BlockManager {
       }
     }
     if (node.depth === 0 && node !== this.trie.rootOf(seq.adapterId)) {
-      problems.push(`${where}: trie path is not under its adapter's root (${seq.adapterId ?? "base"})`);
+      problems.push(
+        `${where}: trie path is not under its adapter's root (${seq.adapterId ?? "base"})`,
+      );
     }
     return problems;
   }

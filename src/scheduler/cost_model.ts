@@ -106,17 +106,26 @@ export interface CostProfile {
 /** Checks a parsed profile; throws ProfileFormatError naming the first bad field. */
 export function validateProfile(value: unknown, file = "<profile>"): CostProfile {
   const bad = (what: string) =>
-    new ProfileFormatError(file, `${what}; re-run \`deno task mace profile\` to write a valid profile`);
+    new ProfileFormatError(
+      file,
+      `${what}; re-run \`deno task mace profile\` to write a valid profile`,
+    );
   if (typeof value !== "object" || value === null) throw bad("not a JSON object");
   const p = value as Partial<CostProfile>;
-  if (p.schema !== "mace.profile.v1") throw bad(`schema is ${JSON.stringify(p.schema)}, expected "mace.profile.v1"`);
+  if (p.schema !== "mace.profile.v1") {
+    throw bad(`schema is ${JSON.stringify(p.schema)}, expected "mace.profile.v1"`);
+  }
   for (const key of ["device", "model", "measuredAt"] as const) {
     if (typeof p[key] !== "string") throw bad(`"${key}" must be a string`);
   }
   for (const key of ["numLayers", "maxContext"] as const) {
-    if (!Number.isInteger(p[key]) || (p[key] as number) < 1) throw bad(`"${key}" must be a positive integer`);
+    if (!Number.isInteger(p[key]) || (p[key] as number) < 1) {
+      throw bad(`"${key}" must be a positive integer`);
+    }
   }
-  if (typeof p.coefficients !== "object" || p.coefficients === null) throw bad(`"coefficients" missing`);
+  if (typeof p.coefficients !== "object" || p.coefficients === null) {
+    throw bad(`"coefficients" missing`);
+  }
   for (const f of FEATURES) {
     const c = p.coefficients[f];
     // Every feature is work: a negative cost would let the packer add work to shorten a step.
@@ -126,12 +135,24 @@ export function validateProfile(value: unknown, file = "<profile>"): CostProfile
   }
   const m = p.memory;
   if (typeof m !== "object" || m === null) throw bad(`"memory" missing`);
-  for (const key of ["kvBytesPerToken", "blockSize", "kvBlocks", "trainBytesPerToken", "trainStateBytes"] as const) {
-    if (typeof m[key] !== "number" || !(m[key] >= 0)) throw bad(`memory.${key} must be a number >= 0`);
+  for (
+    const key of [
+      "kvBytesPerToken",
+      "blockSize",
+      "kvBlocks",
+      "trainBytesPerToken",
+      "trainStateBytes",
+    ] as const
+  ) {
+    if (typeof m[key] !== "number" || !(m[key] >= 0)) {
+      throw bad(`memory.${key} must be a number >= 0`);
+    }
   }
   const fit = p.fit;
   if (typeof fit !== "object" || fit === null) throw bad(`"fit" missing`);
-  if (!Number.isInteger(fit.samples) || fit.samples < 0) throw bad(`fit.samples must be an integer >= 0`);
+  if (!Number.isInteger(fit.samples) || fit.samples < 0) {
+    throw bad(`fit.samples must be an integer >= 0`);
+  }
   // The simulator sizes its step-time noise from the fit error: it must be a real number.
   for (const key of ["meanAbsErrorMs", "meanAbsPercentError"] as const) {
     if (typeof fit[key] !== "number" || !Number.isFinite(fit[key]) || fit[key] < 0) {
@@ -155,18 +176,29 @@ export interface CostSample {
  * A small ridge, relative to each feature's scale, keeps features the samples never exercise
  * at 0 instead of blowing up; non-negative (see solveNonNegative).
  */
-export function fitCoefficients(samples: readonly CostSample[], ridge = 1e-6): Record<Feature, number> {
+export function fitCoefficients(
+  samples: readonly CostSample[],
+  ridge = 1e-6,
+): Record<Feature, number> {
   const n = FEATURES.length;
   const ata = Array.from({ length: n }, () => new Array<number>(n).fill(0));
   const atb = new Array<number>(n).fill(0);
-  for (const { shape, ms } of samples) addOuter(ata, atb, features(shape), ms, 1 / Math.max(ms, 1e-3) ** 2);
+  for (const { shape, ms } of samples) {
+    addOuter(ata, atb, features(shape), ms, 1 / Math.max(ms, 1e-3) ** 2);
+  }
   for (let i = 0; i < n; i++) ata[i][i] += ridge * (ata[i][i] || 1);
   const beta = solveNonNegative(ata, atb);
   return Object.fromEntries(FEATURES.map((f, i) => [f, beta[i]])) as Record<Feature, number>;
 }
 
 /** ata += w·x·xᵀ, atb += w·x·y. */
-function addOuter(ata: number[][], atb: number[], x: readonly number[], y: number, w: number): void {
+function addOuter(
+  ata: number[][],
+  atb: number[],
+  x: readonly number[],
+  y: number,
+  w: number,
+): void {
   for (let i = 0; i < x.length; i++) {
     if (x[i] === 0) continue;
     atb[i] += w * x[i] * y;
@@ -289,7 +321,10 @@ export class CostModel {
   }
 
   get coefficients(): Record<Feature, number> {
-    return Object.fromEntries(FEATURES.map((f, i) => [f, this.theta[i]])) as Record<Feature, number>;
+    return Object.fromEntries(FEATURES.map((f, i) => [f, this.theta[i]])) as Record<
+      Feature,
+      number
+    >;
   }
 
   /** Predicted wall time of the step, ms. */
@@ -371,7 +406,11 @@ export function shapeOfPlan(plan: StepPlan | null, finetune?: FinetuneShape): St
  * The cost-model shape of a DPO slice. `pairTokens`: prompt + chosen + prompt + rejected tokens
  * of the slice's pair (ignored for the optimizer).
  */
-export function finetuneShape(slice: TrainingSlice, pairTokens: number, numLayers: number): FinetuneShape {
+export function finetuneShape(
+  slice: TrainingSlice,
+  pairTokens: number,
+  numLayers: number,
+): FinetuneShape {
   switch (slice.kind) {
     case "optimizer":
       return { kind: "optimizer", tokens: 0, depthShare: 0, head: false };

@@ -94,7 +94,6 @@ export class EngineLoop {
     this.options.onStep?.(done.step, result);
   }
 
-
   private async run(): Promise<void> {
     const inFlight: { step: ScheduledStep; result: Promise<StepResult> }[] = [];
     // Start after the current task, so requests submitted together share the first step.

@@ -5,11 +5,20 @@
 import assert from "node:assert/strict";
 import { mace, ROOT } from "../helpers/cli.ts";
 
-const GOLDEN = (await Deno.readTextFile(ROOT + "models/stories260K/greedy_200.txt")).replace(/\n$/, "");
-
+const GOLDEN = (await Deno.readTextFile(ROOT + "models/stories260K/greedy_200.txt")).replace(
+  /\n$/,
+  "",
+);
 
 Deno.test("cli: generate --json from BOS prints the golden greedy start, TTFT and per-token times", async () => {
-  const { code, stdout } = await mace("generate", "--backend", "wgpu", "--max-tokens", "30", "--json");
+  const { code, stdout } = await mace(
+    "generate",
+    "--backend",
+    "wgpu",
+    "--max-tokens",
+    "30",
+    "--json",
+  );
   assert.equal(code, 0);
   const out = JSON.parse(stdout);
   assert.equal(out.tokens.length, 30);
@@ -21,12 +30,15 @@ Deno.test("cli: generate --json from BOS prints the golden greedy start, TTFT an
 
 Deno.test("cli: generate --prompts runs a JSONL workload, one JSON line per prompt in order", async () => {
   const file = await Deno.makeTempFile({ suffix: ".jsonl" });
-  await Deno.writeTextFile(file, [
-    JSON.stringify({ prompt: "", max_tokens: 12 }),
-    JSON.stringify({ prompt: "Lily went", max_tokens: 5, seed: 3, temperature: 0.8 }),
-    "",
-    JSON.stringify({ prompt: "Once upon a time", max_tokens: 7 }),
-  ].join("\n"));
+  await Deno.writeTextFile(
+    file,
+    [
+      JSON.stringify({ prompt: "", max_tokens: 12 }),
+      JSON.stringify({ prompt: "Lily went", max_tokens: 5, seed: 3, temperature: 0.8 }),
+      "",
+      JSON.stringify({ prompt: "Once upon a time", max_tokens: 7 }),
+    ].join("\n"),
+  );
   const { code, stdout } = await mace("generate", "--backend", "wgpu", "--prompts", file);
   assert.equal(code, 0);
   const lines = stdout.trim().split("\n").map((l) => JSON.parse(l));
@@ -40,10 +52,18 @@ Deno.test("cli: bad input is a named error with the fix, exit code 1 or 2, never
   await Deno.writeTextFile(file, `{"prompt": "ok"}\n{"prompt": 3}\n`);
   const cases: [string[], number, RegExp][] = [
     [["generate", "--prompts", file], 1, /InvalidRequestError: .*:2: "prompt" must be a string/],
-    [["generate", "--max-tokens", "0"], 1, /InvalidRequestError: --max-tokens 0 is not a valid value/],
+    [
+      ["generate", "--max-tokens", "0"],
+      1,
+      /InvalidRequestError: --max-tokens 0 is not a valid value/,
+    ],
     [["generate", "--frobnicate"], 1, /InvalidRequestError: generate: .*frobnicate/],
     [["generate", "--backend", "metal"], 1, /--backend metal: expected auto, wgpu or dawn/],
-    [["generate", "--backend", "wgpu", "--max-tokens", "600"], 1, /exceeds the context of 512 tokens/],
+    [
+      ["generate", "--backend", "wgpu", "--max-tokens", "600"],
+      1,
+      /exceeds the context of 512 tokens/,
+    ],
     [["generate", "--model", "/nonexistent"], 1, /ModelFormatError: \/nonexistent/],
     [["frobnicate"], 2, /unknown command "frobnicate"/],
   ];

@@ -6,14 +6,28 @@
 import assert from "node:assert/strict";
 import { mace } from "../helpers/cli.ts";
 
-
 Deno.test("cli: loadtest serves a Poisson load with feedback through the worker and compares it with the simulator", async () => {
   const dir = await Deno.makeTempDir({ prefix: "mace-loadtest-" });
   try {
     const out = `${dir}/report.json`;
     const run = await mace(
-      "loadtest", "--backend", "wgpu", "--duration", "8", "--rate", "1.5", "--retrain-rate", "0.5",
-      "--max-prompt", "48", "--max-output", "24", "--seed", "3", "--out", out,
+      "loadtest",
+      "--backend",
+      "wgpu",
+      "--duration",
+      "8",
+      "--rate",
+      "1.5",
+      "--retrain-rate",
+      "0.5",
+      "--max-prompt",
+      "48",
+      "--max-output",
+      "24",
+      "--seed",
+      "3",
+      "--out",
+      out,
     );
     const { stdout, stderr } = run;
     assert.equal(run.code, 0, stderr);
@@ -29,7 +43,12 @@ Deno.test("cli: loadtest serves a Poisson load with feedback through the worker 
     assert.equal(live.feedbackReceived, report.feedbackPairs);
     assert.ok(report.feedbackPairs > 0, "some requests sent feedback");
     assert.ok(report.live.prediction.steps > 0 && report.live.prediction.meanAbsPercentError >= 0);
-    for (const [name, e] of Object.entries(report.comparison) as [string, { live: number | null; simulated: number | null }][]) {
+    for (
+      const [name, e] of Object.entries(report.comparison) as [
+        string,
+        { live: number | null; simulated: number | null },
+      ][]
+    ) {
       if (name === "ft pairs/s" || name === "slo attainment") continue;
       assert.ok(e.live !== null && e.live > 0 && e.simulated !== null && e.simulated > 0, name);
     }

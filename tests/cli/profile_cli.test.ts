@@ -32,8 +32,6 @@ import { targetShape } from "../../src/engine/lora/lora.ts";
 import { assertClose } from "../helpers/tolerance.ts";
 import { mace, ROOT } from "../helpers/cli.ts";
 
-
-
 interface Sample {
   label: string;
   shape: StepShape;

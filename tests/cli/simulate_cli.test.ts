@@ -6,15 +6,32 @@
 import assert from "node:assert/strict";
 import { mace } from "../helpers/cli.ts";
 
-
-
 Deno.test("cli: simulate prints every policy's metrics as JSON, the same for the same seed", async () => {
-  const args = ["simulate", "--policy", "all", "--rate", "0.5", "--duration", "60", "--retrain-rate", "0.2,0.6", "--json"];
+  const args = [
+    "simulate",
+    "--policy",
+    "all",
+    "--rate",
+    "0.5",
+    "--duration",
+    "60",
+    "--retrain-rate",
+    "0.2,0.6",
+    "--json",
+  ];
   const first = await mace(...args);
   assert.equal(first.code, 0, first.stderr);
   const report = JSON.parse(first.stdout);
   assert.equal(report.schema, "mace.simulation.v1");
-  const names = ["mace", "inference-only", "periodic", "synchronous", "fcfs", "mace-no-prefix-sharing", "mace-no-kv-pruning"];
+  const names = [
+    "mace",
+    "inference-only",
+    "periodic",
+    "synchronous",
+    "fcfs",
+    "mace-no-prefix-sharing",
+    "mace-no-kv-pruning",
+  ];
   assert.deepEqual(report.rows.map((r: { name: string }) => r.name), [...names, ...names]);
   for (const row of report.rows) {
     const s = row.summary;
@@ -26,7 +43,10 @@ Deno.test("cli: simulate prints every policy's metrics as JSON, the same for the
     if (row.name === "inference-only") assert.equal(s.finetune.pairsTrained, 0);
   }
   // Feedback grows with the retrain rate; the same arrivals at both rates.
-  const at = (rate: number, name: string) => report.rows.find((r: { retrainRate: number; name: string }) => r.retrainRate === rate && r.name === name).summary;
+  const at = (rate: number, name: string) =>
+    report.rows.find((r: { retrainRate: number; name: string }) =>
+      r.retrainRate === rate && r.name === name
+    ).summary;
   assert.ok(at(0.6, "mace").feedbackReceived > at(0.2, "mace").feedbackReceived);
   assert.equal(at(0.6, "mace").requests.arrived, at(0.2, "mace").requests.arrived);
   const again = await mace(...args);
@@ -34,7 +54,16 @@ Deno.test("cli: simulate prints every policy's metrics as JSON, the same for the
 });
 
 Deno.test("cli: simulate --markdown has a row per policy; bad flags are named errors", async () => {
-  const md = await mace("simulate", "--policy", "mace,periodic", "--duration", "30", "--rate", "0.5", "--markdown");
+  const md = await mace(
+    "simulate",
+    "--policy",
+    "mace,periodic",
+    "--duration",
+    "30",
+    "--rate",
+    "0.5",
+    "--markdown",
+  );
   assert.equal(md.code, 0, md.stderr);
   assert.match(md.stdout, /^\| policy \| ttft p50 \|/m);
   assert.match(md.stdout, /^\| mace \| /m);
@@ -43,9 +72,15 @@ Deno.test("cli: simulate --markdown has a row per policy; bad flags are named er
     const [args, message] of [
       [["simulate"], /--policy is required/],
       [["simulate", "--policy", "best"], /--policy best: expected one of/],
-      [["simulate", "--policy", "mace", "--retrain-rate", "2"], /--retrain-rate 2 is not a valid value/],
+      [
+        ["simulate", "--policy", "mace", "--retrain-rate", "2"],
+        /--retrain-rate 2 is not a valid value/,
+      ],
       [["simulate", "--policy", "mace", "--trace", "no-such.csv"], /TraceFormatError/],
-      [["simulate", "--policy", "mace", "--profile", "no-such.json"], /ProfileNotFoundError.*mace profile/],
+      [
+        ["simulate", "--policy", "mace", "--profile", "no-such.json"],
+        /ProfileNotFoundError.*mace profile/,
+      ],
       [["simulate", "--policy", "mace", "--trace", "sharegpt"], /Poisson arrivals need --rate/],
     ] as const
   ) {

@@ -19,7 +19,6 @@ import { mace, ROOT } from "../helpers/cli.ts";
 
 const MODEL = ROOT + "models/stories260K";
 
-
 const PAIR = {
   prompt: "Once upon a time, there was a little girl named Lily.",
   chosen: " She went to the park with her dog.",
@@ -33,19 +32,44 @@ Deno.test("cli: one SGD step from --init-adapter writes init - lr * grad (float6
   const lora: LoraConfig = { rank: 2, alpha: 3, targets: ["q", "v", "down"], dropout: 0 };
   const init: LoraWeights = {
     config: lora,
-    layers: Array.from({ length: c.numLayers }, (_, l) =>
-      Object.fromEntries(lora.targets.map((t, i) => {
-        const s = targetShape(c, t);
-        return [t, { a: randn(lora.rank * s.in, 10 * l + i, 0.1), b: randn(s.out * lora.rank, 10 * l + i + 5, 0.1) }];
-      }))),
+    layers: Array.from(
+      { length: c.numLayers },
+      (_, l) =>
+        Object.fromEntries(lora.targets.map((t, i) => {
+          const s = targetShape(c, t);
+          return [t, {
+            a: randn(lora.rank * s.in, 10 * l + i, 0.1),
+            b: randn(s.out * lora.rank, 10 * l + i + 5, 0.1),
+          }];
+        })),
+    ),
   };
   await writePeftAdapter(`${dir}/init`, init, { baseModel: MODEL });
   await Deno.writeTextFile(`${dir}/pairs.jsonl`, JSON.stringify(PAIR) + "\n");
   const lr = 0.5;
   const { code, stdout, stderr } = await mace(
-    "train", "--pairs", `${dir}/pairs.jsonl`, "--init-adapter", `${dir}/init`, "--optimizer", "sgd",
-    "--lr", String(lr), "--max-grad-norm", "0", "--steps", "1", "--batch", "1", "--beta", "0.5",
-    "--out", `${dir}/out`, "--backend", "wgpu", "--json",
+    "train",
+    "--pairs",
+    `${dir}/pairs.jsonl`,
+    "--init-adapter",
+    `${dir}/init`,
+    "--optimizer",
+    "sgd",
+    "--lr",
+    String(lr),
+    "--max-grad-norm",
+    "0",
+    "--steps",
+    "1",
+    "--batch",
+    "1",
+    "--beta",
+    "0.5",
+    "--out",
+    `${dir}/out`,
+    "--backend",
+    "wgpu",
+    "--json",
   );
   assert.equal(code, 0, stderr);
   const step = JSON.parse(stdout.trim().split("\n").at(-1)!);
@@ -72,12 +96,26 @@ Deno.test("cli: one SGD step from --init-adapter writes init - lr * grad (float6
         const want = init.layers[l][t]![m].map((x, i) => x - lr * grad[i]);
         // The f32 gradient is held to 1e-4 of its scale (dpo_gradient.gpu.test.ts): scaled by lr here.
         const scale = lr * Math.max(...grad.map(Math.abs));
-        assertClose(out.layers[l][t]![m], want, { rtol: 0, atol: 1e-4 * scale + 1e-7 }, `layer ${l} ${t}.${m}`);
+        assertClose(
+          out.layers[l][t]![m],
+          want,
+          { rtol: 0, atol: 1e-4 * scale + 1e-7 },
+          `layer ${l} ${t}.${m}`,
+        );
       }
     }
   }
 
-  const served = await mace("generate", "--adapter", `${dir}/out`, "--max-tokens", "8", "--backend", "wgpu", "--json");
+  const served = await mace(
+    "generate",
+    "--adapter",
+    `${dir}/out`,
+    "--max-tokens",
+    "8",
+    "--backend",
+    "wgpu",
+    "--json",
+  );
   assert.equal(served.code, 0, served.stderr);
   assert.equal(JSON.parse(served.stdout).loraAdapter, "adapter@1");
   await Deno.remove(dir, { recursive: true });
@@ -93,16 +131,32 @@ Deno.test("cli: train reports bad pairs with their line and skips them; no usabl
   ];
   await Deno.writeTextFile(`${dir}/pairs.jsonl`, lines.join("\n") + "\n");
   const ok = await mace(
-    "train", "--pairs", `${dir}/pairs.jsonl`, "--steps", "1", "--batch", "1", "--rank", "2",
-    "--out", `${dir}/out`, "--backend", "wgpu",
+    "train",
+    "--pairs",
+    `${dir}/pairs.jsonl`,
+    "--steps",
+    "1",
+    "--batch",
+    "1",
+    "--rank",
+    "2",
+    "--out",
+    `${dir}/out`,
+    "--backend",
+    "wgpu",
   );
   assert.equal(ok.code, 0, ok.stderr);
-  for (const line of [2, 3, 4]) assert.match(ok.stderr, new RegExp(`pairs\\.jsonl:${line}: skipped: `));
+  for (const line of [2, 3, 4]) {
+    assert.match(ok.stderr, new RegExp(`pairs\\.jsonl:${line}: skipped: `));
+  }
   assert.match(ok.stderr, /1 pairs, 3 skipped/);
 
   await Deno.writeTextFile(`${dir}/bad.jsonl`, lines.slice(1).join("\n") + "\n");
   const bad = await mace("train", "--pairs", `${dir}/bad.jsonl`, "--backend", "wgpu");
   assert.equal(bad.code, 1);
-  assert.match(bad.stderr, /InvalidRequestError: .*bad\.jsonl: no usable preference pairs \(3 skipped\)/);
+  assert.match(
+    bad.stderr,
+    /InvalidRequestError: .*bad\.jsonl: no usable preference pairs \(3 skipped\)/,
+  );
   await Deno.remove(dir, { recursive: true });
 });

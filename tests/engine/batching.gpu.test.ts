@@ -44,18 +44,25 @@ const MIXED = jobs(Array.from({ length: 16 }, (_, i) => {
 const COMMON = [BOS, ...tokenizer.encode(GOLDEN, { addSpecialTokens: false })].slice(0, 64);
 const SHARED = jobs(Array.from({ length: 16 }, (_, i) => [
   ...COMMON,
-  ...tokenizer.encode(words.slice(40 + i * 3, 40 + i * 3 + (i % 5) + 1).join(" "), { addSpecialTokens: false }),
+  ...tokenizer.encode(words.slice(40 + i * 3, 40 + i * 3 + (i % 5) + 1).join(" "), {
+    addSpecialTokens: false,
+  }),
 ]));
 
 const BASE: ServingOptions = { maxContext: 192 };
 
 async function alone(list: Job[]): Promise<number[][]> {
   const engine = await ServingEngine.create(await testContext(), source, {
-    ...BASE, maxSeqs: 1, maxTokens: 64, prefixCaching: false,
+    ...BASE,
+    maxSeqs: 1,
+    maxTokens: 64,
+    prefixCaching: false,
   });
   const out: number[][] = [];
   for (const job of list) {
-    out.push((await engine.generate(job.prompt, { maxTokens: GEN_TOKENS, sampling: job.sampling })).tokens);
+    out.push(
+      (await engine.generate(job.prompt, { maxTokens: GEN_TOKENS, sampling: job.sampling })).tokens,
+    );
   }
   engine.destroy();
   return out;
@@ -91,14 +98,20 @@ async function batched(list: Job[], options: ServingOptions): Promise<RequestOut
 const mixedAlone = alone(MIXED.map((j) => j));
 
 for (const chunk of [5, 16, 64]) {
-  Deno.test({ name: `16 mixed requests batched (prefill chunk ${chunk}) equal each run alone`, ...gpuTest }, async () => {
+  Deno.test({
+    name: `16 mixed requests batched (prefill chunk ${chunk}) equal each run alone`,
+    ...gpuTest,
+  }, async () => {
     const expected = await mixedAlone;
     const outputs = await batched(MIXED, { maxSeqs: 16, maxTokens: chunk, prefixCaching: false });
     deepStrictEqual(outputs.map((o) => o.tokens), expected);
   });
 }
 
-Deno.test({ name: "16 requests sharing a 64-token prefix reuse its blocks and equal each run alone", ...gpuTest }, async () => {
+Deno.test({
+  name: "16 requests sharing a 64-token prefix reuse its blocks and equal each run alone",
+  ...gpuTest,
+}, async () => {
   const expected = await alone(SHARED);
   const outputs = await batched(SHARED, { maxSeqs: 16, maxTokens: 32, prefixCaching: true });
   deepStrictEqual(outputs.map((o) => o.tokens), expected);
@@ -107,10 +120,18 @@ Deno.test({ name: "16 requests sharing a 64-token prefix reuse its blocks and eq
   ok(hits.filter((h) => h === 64).length >= 8, `prefix hits per request: ${hits}`);
 });
 
-Deno.test({ name: "a KV pool too small for all requests preempts and recomputes, same tokens", ...gpuTest }, async () => {
+Deno.test({
+  name: "a KV pool too small for all requests preempts and recomputes, same tokens",
+  ...gpuTest,
+}, async () => {
   const expected = await mixedAlone;
   // 30 blocks of 16 = 480 token slots for 16 requests of up to 91 + 20 tokens.
-  const outputs = await batched(MIXED, { maxSeqs: 16, maxTokens: 32, kvBlocks: 30, prefixCaching: true });
+  const outputs = await batched(MIXED, {
+    maxSeqs: 16,
+    maxTokens: 32,
+    kvBlocks: 30,
+    prefixCaching: true,
+  });
   deepStrictEqual(outputs.map((o) => o.tokens), expected);
   ok(outputs.some((o) => o.preemptions > 0), "expected at least one preemption");
 });

@@ -13,11 +13,21 @@ const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname
 const GOLDEN = (await Deno.readTextFile(MODEL_DIR + "greedy_200.txt")).replace(/\n$/, "");
 
 for (const [layout, path] of [["HF", MODEL_DIR], ["llama2.c", MODEL_DIR + "stories260K.bin"]]) {
-  Deno.test({ name: `greedy 200 tokens from BOS equal llama2.c's golden text (${layout} layout)`, ...gpuTest }, async () => {
+  Deno.test({
+    name: `greedy 200 tokens from BOS equal llama2.c's golden text (${layout} layout)`,
+    ...gpuTest,
+  }, async () => {
     const ctx = await testContext();
     const { source, tokenizer } = await openModelWithTokenizer(path);
-    const engine = await ServingEngine.create(ctx, source, { maxSeqs: 1, maxContext: 256, maxTokens: 64 });
-    const result = await engine.generate([source.config.bosTokenId!], { maxTokens: 200, sampling: GREEDY });
+    const engine = await ServingEngine.create(ctx, source, {
+      maxSeqs: 1,
+      maxContext: 256,
+      maxTokens: 64,
+    });
+    const result = await engine.generate([source.config.bosTokenId!], {
+      maxTokens: 200,
+      sampling: GREEDY,
+    });
     engine.destroy();
     strictEqual(result.tokens.length, 200);
     strictEqual(tokenizer.decode(result.tokens), GOLDEN);

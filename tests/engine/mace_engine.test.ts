@@ -26,10 +26,17 @@ Deno.test({
     rejected: [...tokenizer.encode(rejected, { addSpecialTokens: false }), eos],
   });
   const pairs = [
-    pair("Once upon a time, there was a little girl named Lily.", " She went to the park.", " She stayed in bed."),
+    pair(
+      "Once upon a time, there was a little girl named Lily.",
+      " She went to the park.",
+      " She stayed in bed.",
+    ),
     pair("Tom had a red ball.", " He played with his friend.", " He lost it and cried."),
   ];
-  const engine = await MaceEngine.create({ backend: "wgpu", finetune: { pairsPerStep: 2, publishEvery: 1 } });
+  const engine = await MaceEngine.create({
+    backend: "wgpu",
+    finetune: { pairsPerStep: 2, publishEvery: 1 },
+  });
   try {
     const before = await engine.generate({ prompt: [1], maxTokens: 8 });
     assert.equal(before.adapterId, undefined, "nothing published yet: the base model serves");
@@ -37,7 +44,10 @@ Deno.test({
     // Bad feedback rejects the whole call and queues nothing.
     const tooLong = { ...pairs[0], chosen: new Array(300).fill(5) };
     await assert.rejects(engine.submitFeedback([pairs[1], tooLong]), InvalidRequestError);
-    await assert.rejects(engine.submitFeedback([{ ...pairs[0], rejected: [9999] }]), InvalidRequestError);
+    await assert.rejects(
+      engine.submitFeedback([{ ...pairs[0], rejected: [9999] }]),
+      InvalidRequestError,
+    );
 
     const receipt = await engine.submitFeedback(pairs);
     assert.deepEqual(receipt, { accepted: 2, untrained: 2 });

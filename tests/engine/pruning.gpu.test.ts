@@ -9,15 +9,30 @@ import { gpuTest, testContext } from "../helpers/gpu.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
 
-Deno.test({ name: "serving with a KV budget prunes each request and matches the exact run until its first pruning", ...gpuTest }, async () => {
+Deno.test({
+  name:
+    "serving with a KV budget prunes each request and matches the exact run until its first pruning",
+  ...gpuTest,
+}, async () => {
   const ctx = await testContext();
   const source = await openModel(MODEL_DIR);
   const prompts = [[1], [1, 403, 407, 261, 378], [1, 317, 263, 377]];
   const run = async (kvBudget: number) => {
-    const engine = await ServingEngine.create(ctx, source, { maxSeqs: 4, maxContext: 160, maxTokens: 32, kvBudget });
-    const outputs = await Promise.all(prompts.map((prompt) =>
-      engine.generate(prompt, { maxTokens: 150, sampling: { temperature: 0, topK: 0, topP: 1, seed: 0 }, eosIds: [] })
-    ));
+    const engine = await ServingEngine.create(ctx, source, {
+      maxSeqs: 4,
+      maxContext: 160,
+      maxTokens: 32,
+      kvBudget,
+    });
+    const outputs = await Promise.all(
+      prompts.map((prompt) =>
+        engine.generate(prompt, {
+          maxTokens: 150,
+          sampling: { temperature: 0, topK: 0, topP: 1, seed: 0 },
+          eosIds: [],
+        })
+      ),
+    );
     engine.blockManager.checkIntegrity();
     ok(engine.blockManager.stats().used === 0, "every block is released after the requests finish");
     engine.destroy();
@@ -29,6 +44,9 @@ Deno.test({ name: "serving with a KV budget prunes each request and matches the 
     ok(out.evictedTokens > 0, `request ${i} was pruned`);
     // Tokens sampled before the KV first reached the budget see the full cache.
     const unpruned = 64 - prompts[i].length;
-    strictEqual(out.tokens.slice(0, unpruned).join(","), exact[i].tokens.slice(0, unpruned).join(","));
+    strictEqual(
+      out.tokens.slice(0, unpruned).join(","),
+      exact[i].tokens.slice(0, unpruned).join(","),
+    );
   });
 });

@@ -22,10 +22,17 @@ const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname
 const LENGTH = 256;
 const BUDGET = 128;
 
-Deno.test({ name: "H2O pruning at a 50% KV budget beats sinks + window and frees blocks", ...gpuTest }, async () => {
+Deno.test({
+  name: "H2O pruning at a 50% KV budget beats sinks + window and frees blocks",
+  ...gpuTest,
+}, async () => {
   const ctx = await testContext();
   const source = await openModel(MODEL_DIR);
-  const engine = await ServingEngine.create(ctx, source, { maxSeqs: 1, maxContext: LENGTH, maxTokens: 16 });
+  const engine = await ServingEngine.create(ctx, source, {
+    maxSeqs: 1,
+    maxContext: LENGTH,
+    maxTokens: 16,
+  });
   const sampled = await engine.generate([source.config.bosTokenId!], {
     maxTokens: LENGTH - 1,
     sampling: { temperature: 1, topK: 0, topP: 1, seed: 7 },
@@ -35,19 +42,30 @@ Deno.test({ name: "H2O pruning at a 50% KV budget beats sinks + window and frees
   const text = [...sampled.promptTokens, ...sampled.tokens];
   strictEqual(text.length, LENGTH);
 
-  const runner = await ModelRunner.create(ctx, source, { maxSeqs: 1, maxContext: LENGTH, maxTokens: 16 });
+  const runner = await ModelRunner.create(ctx, source, {
+    maxSeqs: 1,
+    maxContext: LENGTH,
+    maxTokens: 16,
+  });
   const h2o = { sinks: 4, window: 60, heavyHitters: true };
   const full = await scoreWithPruning(runner, text, 0, h2o);
   const neverReached = await scoreWithPruning(runner, text, LENGTH + 16, h2o);
   const heavy = await scoreWithPruning(runner, text, BUDGET, h2o);
-  const window = await scoreWithPruning(runner, text, BUDGET, { sinks: 4, window: 0, heavyHitters: false });
+  const window = await scoreWithPruning(runner, text, BUDGET, {
+    sinks: 4,
+    window: 0,
+    heavyHitters: false,
+  });
   runner.destroy();
 
   strictEqual(neverReached.logLikelihood, full.logLikelihood);
   strictEqual(neverReached.pruneEvents, 0);
   for (const run of [heavy, window]) {
     ok(run.pruneEvents > 0 && run.evictedTokens > 0);
-    ok(run.peakBlocks <= BUDGET / 16 + 1, `peak ${run.peakBlocks} blocks for a ${BUDGET}-token budget`);
+    ok(
+      run.peakBlocks <= BUDGET / 16 + 1,
+      `peak ${run.peakBlocks} blocks for a ${BUDGET}-token budget`,
+    );
   }
   strictEqual(full.peakBlocks, LENGTH / 16);
   const loss = (r: typeof full) => full.logLikelihood - r.logLikelihood;
@@ -58,6 +76,8 @@ Deno.test({ name: "H2O pruning at a 50% KV budget beats sinks + window and frees
       `sinks+window ${window.logLikelihood.toFixed(2)} (change ${change(window)}); ` +
       `peak blocks ${full.peakBlocks} -> ${heavy.peakBlocks}`,
   );
-  ok(loss(heavy) < loss(window), "heavy hitters must lose less log-likelihood than a recency window");
+  ok(
+    loss(heavy) < loss(window),
+    "heavy hitters must lose less log-likelihood than a recency window",
+  );
 });
-

@@ -3,7 +3,11 @@
  * (wgpu | dawn | auto; default wgpu). scripts/test.sh runs the GPU tests once
  * per backend.
  */
-import { type BackendName, createGpuContext, type GpuContext } from "../../src/engine/gpu/context.ts";
+import {
+  type BackendName,
+  createGpuContext,
+  type GpuContext,
+} from "../../src/engine/gpu/context.ts";
 
 let shared: Promise<GpuContext> | null = null;
 

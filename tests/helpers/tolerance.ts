@@ -32,11 +32,15 @@ export function assertClose(
   label = "tensor",
 ): void {
   if (actual.length !== expected.length) {
-    throw new AssertionError({ message: `${label}: length ${actual.length} != expected ${expected.length}` });
+    throw new AssertionError({
+      message: `${label}: length ${actual.length} != expected ${expected.length}`,
+    });
   }
   for (let i = 0; i < actual.length; i++) {
     if (!Number.isFinite(actual[i])) {
-      throw new AssertionError({ message: `${label}: non-finite value ${actual[i]} at index ${i}` });
+      throw new AssertionError({
+        message: `${label}: non-finite value ${actual[i]} at index ${i}`,
+      });
     }
   }
   const { maxErr, scale } = maxRelativeError(actual, expected);

@@ -1,48 +1,94 @@
 import assert from "node:assert/strict";
 import { LoraDropout } from "../../src/engine/kernels/lora_dropout.ts";
 import { dropoutKeeps, loraDropout } from "../../src/engine/reference/dropout.ts";
-import { createUniform, packUniform, readF32, uploadStorage } from "../../src/engine/gpu/buffers.ts";
+import {
+  createUniform,
+  packUniform,
+  readF32,
+  uploadStorage,
+} from "../../src/engine/gpu/buffers.ts";
 import { runPass } from "../../src/engine/gpu/kernel.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";
 import { assertClose, F32 } from "../helpers/tolerance.ts";
 import { randn } from "../helpers/random.ts";
 
 const CASES = [
-  { rows: 1, cols: 7, inStride: 7, inOffset: 0, outStride: 9, outOffset: 2, p: 0.5, accumulate: false },
-  { rows: 13, cols: 173, inStride: 180, inOffset: 5, outStride: 173, outOffset: 0, p: 0.1, accumulate: true },
-  { rows: 64, cols: 160, inStride: 160, inOffset: 0, outStride: 160, outOffset: 0, p: 0.3, accumulate: false },
-  { rows: 5, cols: 33, inStride: 33, inOffset: 0, outStride: 33, outOffset: 0, p: 0, accumulate: false },
+  {
+    rows: 1,
+    cols: 7,
+    inStride: 7,
+    inOffset: 0,
+    outStride: 9,
+    outOffset: 2,
+    p: 0.5,
+    accumulate: false,
+  },
+  {
+    rows: 13,
+    cols: 173,
+    inStride: 180,
+    inOffset: 5,
+    outStride: 173,
+    outOffset: 0,
+    p: 0.1,
+    accumulate: true,
+  },
+  {
+    rows: 64,
+    cols: 160,
+    inStride: 160,
+    inOffset: 0,
+    outStride: 160,
+    outOffset: 0,
+    p: 0.3,
+    accumulate: false,
+  },
+  {
+    rows: 5,
+    cols: 33,
+    inStride: 33,
+    inOffset: 0,
+    outStride: 33,
+    outOffset: 0,
+    p: 0,
+    accumulate: false,
+  },
 ];
 
 for (const c of CASES) {
-  Deno.test({ name: `lora_dropout matches reference ${JSON.stringify(c)}`, ...gpuTest }, async () => {
-    const ctx = await testContext();
-    const seed = 0xdeadbeef, stream = 17;
-    const x = randn(c.rows * c.inStride, c.rows + c.cols);
-    const initial = randn(c.rows * c.outStride, 3 * c.cols);
-    const out = uploadStorage(ctx, initial, "out");
-    const kernel = new LoraDropout(ctx, c);
-    const group = kernel.bind(
-      createUniform(ctx, packUniform([["u32", c.rows], ["u32", seed]]), "params"),
-      createUniform(ctx, packUniform([["u32", stream]]), "stream"),
-      uploadStorage(ctx, x, "x"),
-      out,
-    );
-    runPass(ctx, (pass) => kernel.encode(pass, group, c.rows));
-    const packed = new Float64Array(c.rows * c.cols);
-    for (let r = 0; r < c.rows; r++) {
-      for (let j = 0; j < c.cols; j++) packed[r * c.cols + j] = x[r * c.inStride + c.inOffset + j];
-    }
-    const dropped = loraDropout(packed, c.rows, c.cols, c.p, seed, stream);
-    const expected = Float64Array.from(initial);
-    for (let r = 0; r < c.rows; r++) {
-      for (let j = 0; j < c.cols; j++) {
-        const o = r * c.outStride + c.outOffset + j;
-        expected[o] = (c.accumulate ? initial[o] : 0) + dropped[r * c.cols + j];
+  Deno.test(
+    { name: `lora_dropout matches reference ${JSON.stringify(c)}`, ...gpuTest },
+    async () => {
+      const ctx = await testContext();
+      const seed = 0xdeadbeef, stream = 17;
+      const x = randn(c.rows * c.inStride, c.rows + c.cols);
+      const initial = randn(c.rows * c.outStride, 3 * c.cols);
+      const out = uploadStorage(ctx, initial, "out");
+      const kernel = new LoraDropout(ctx, c);
+      const group = kernel.bind(
+        createUniform(ctx, packUniform([["u32", c.rows], ["u32", seed]]), "params"),
+        createUniform(ctx, packUniform([["u32", stream]]), "stream"),
+        uploadStorage(ctx, x, "x"),
+        out,
+      );
+      runPass(ctx, (pass) => kernel.encode(pass, group, c.rows));
+      const packed = new Float64Array(c.rows * c.cols);
+      for (let r = 0; r < c.rows; r++) {
+        for (let j = 0; j < c.cols; j++) {
+          packed[r * c.cols + j] = x[r * c.inStride + c.inOffset + j];
+        }
       }
-    }
-    assertClose(await readF32(ctx, out, expected.length), expected, F32, "lora_dropout");
-  });
+      const dropped = loraDropout(packed, c.rows, c.cols, c.p, seed, stream);
+      const expected = Float64Array.from(initial);
+      for (let r = 0; r < c.rows; r++) {
+        for (let j = 0; j < c.cols; j++) {
+          const o = r * c.outStride + c.outOffset + j;
+          expected[o] = (c.accumulate ? initial[o] : 0) + dropped[r * c.cols + j];
+        }
+      }
+      assertClose(await readF32(ctx, out, expected.length), expected, F32, "lora_dropout");
+    },
+  );
 }
 
 Deno.test("dropout mask: drop rate near p, deterministic per (seed, stream), different across streams", () => {

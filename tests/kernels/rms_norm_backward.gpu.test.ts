@@ -13,7 +13,6 @@ import { FINITE_DIFFERENCE, numericGradient } from "../helpers/finite_difference
 import { assertClose, F32 } from "../helpers/tolerance.ts";
 import { randn } from "../helpers/random.ts";
 
-
 Deno.test("rmsNormBackward reference matches finite differences of rmsNorm", () => {
   const [rows, dim, eps] = [3, 11, 1e-2];
   const x = randn(rows * dim, 1);

@@ -17,7 +17,6 @@ import { assertClose, F32 } from "../helpers/tolerance.ts";
 import { randn } from "../helpers/random.ts";
 import assert from "node:assert";
 
-
 /** Llama-3.2-1B's config: llama3-scaled frequencies, theta 500000, head dim 64. */
 const LLAMA3: ModelConfig = randomModelConfig(LLAMA32_1B);
 

@@ -13,7 +13,6 @@ import { FINITE_DIFFERENCE, numericGradient } from "../helpers/finite_difference
 import { assertClose, F32 } from "../helpers/tolerance.ts";
 import { randn } from "../helpers/random.ts";
 
-
 Deno.test("swigluBackward reference matches finite differences of swiglu", () => {
   const [rows, I] = [3, 7];
   const gu = randn(rows * 2 * I, 1, 3);

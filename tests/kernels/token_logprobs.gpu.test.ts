@@ -12,7 +12,6 @@ import { FINITE_DIFFERENCE, numericGradient } from "../helpers/finite_difference
 import { assertClose, F32 } from "../helpers/tolerance.ts";
 import { randInts, randn } from "../helpers/random.ts";
 
-
 Deno.test("tokenLogprobsBackward reference matches finite differences of g * sum(logp)", () => {
   const [rows, vocab, rowOffset, g] = [3, 7, 2, -1.7];
   const logits = randn(rows * vocab, 1, 3);

@@ -498,7 +498,10 @@ Deno.test("block manager: prune compacts kept slots, copies shared blocks first,
   bm.allocate(1, range(100, 12));
   bm.commitTokens(1, range(100, 12));
   // Sequence 2 shares the first two blocks (a prefix hit of 8 tokens).
-  assert.deepEqual(bm.allocate(2, [...range(100, 8), 500, 501]), { numCached: 8, blockTable: [0, 1, 3] });
+  assert.deepEqual(bm.allocate(2, [...range(100, 8), 500, 501]), {
+    numCached: 8,
+    blockTable: [0, 1, 3],
+  });
   bm.commitTokens(2, [500, 501]);
   // Keep slots 0, 1 (sinks), 6 (a heavy hitter), 10, 11 (window): slots 2, 3, 4 are written.
   const edit = bm.prune(1, [0, 1, 6, 10, 11]);
@@ -530,7 +533,11 @@ Deno.test("block manager: prune of an unshared sequence moves in place; bad call
   assert.throws(() => bm.prune(1, [0, 3, 2]), BlockManagerUsageError, "not ascending");
   assert.throws(() => bm.prune(1, [0, 7]), BlockManagerUsageError, "slot past the end");
   // Keep 0, 1, 5, 6: no copies, slots 5, 6 move to 2, 3 in block 0; block 1 is freed.
-  assert.deepEqual(bm.prune(1, [0, 1, 5, 6]), { copies: [], moves: [[5, 2], [6, 3]], releasedBlocks: 1 });
+  assert.deepEqual(bm.prune(1, [0, 1, 5, 6]), {
+    copies: [],
+    moves: [[5, 2], [6, 3]],
+    releasedBlocks: 1,
+  });
   assert.deepEqual(bm.blockTable(1), [0]);
   assert.deepEqual(counts(bm), { free: 7, used: 1, cached: 0 });
 });

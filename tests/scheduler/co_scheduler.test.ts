@@ -8,15 +8,29 @@ import { BatchScheduler } from "../../src/scheduler/batch_scheduler.ts";
 import { BlockManager } from "../../src/scheduler/block_manager.ts";
 import { CostModel } from "../../src/scheduler/cost_model.ts";
 import { CoScheduler, type Iteration } from "../../src/scheduler/mace/co_scheduler.ts";
-import { policyOptions, type PolicyOptions } from "../../src/scheduler/mace/policy.ts";
+import { type PolicyOptions, policyOptions } from "../../src/scheduler/mace/policy.ts";
 import { MetricsRecorder } from "../../src/scheduler/metrics.ts";
 import { TEST_PROFILE } from "./test_profile.ts";
 
 function setup(name: string, overrides: Partial<PolicyOptions> = {}) {
-  const blockManager = new BlockManager({ numBlocks: 256, blockSize: 4, enablePrefixCaching: true });
-  const batch = new BatchScheduler({ blockManager, maxTokensPerStep: 512, maxSeqsPerStep: 8, maxContext: 256 });
+  const blockManager = new BlockManager({
+    numBlocks: 256,
+    blockSize: 4,
+    enablePrefixCaching: true,
+  });
+  const batch = new BatchScheduler({
+    blockManager,
+    maxTokensPerStep: 512,
+    maxSeqsPerStep: 8,
+    maxContext: 256,
+  });
   const metrics = new MetricsRecorder(0);
-  const policy = policyOptions(name, { tbtSloMs: 50, ttftSloMs: 500, latencyMargin: 1, ...overrides });
+  const policy = policyOptions(name, {
+    tbtSloMs: 50,
+    ttftSloMs: 500,
+    latencyMargin: 1,
+    ...overrides,
+  });
   const cost = new CostModel(TEST_PROFILE, { online: false });
   const scheduler = new CoScheduler<null>({
     policy,
@@ -30,7 +44,10 @@ function setup(name: string, overrides: Partial<PolicyOptions> = {}) {
   const run = (it: Iteration<null>) => {
     clock += it.predictedMs;
     const sampled = it.step?.plan.sequences.map((s) => (s.sample ? 7 : -1)) ?? [];
-    return scheduler.complete(it, { result: it.step ? { sampled, gpuMs: it.predictedMs } : null, ms: it.predictedMs }, clock);
+    return scheduler.complete(it, {
+      result: it.step ? { sampled, gpuMs: it.predictedMs } : null,
+      ms: it.predictedMs,
+    }, clock);
   };
   const add = (id: number, promptLength: number, maxTokens: number) =>
     scheduler.addRequest({
@@ -40,7 +57,15 @@ function setup(name: string, overrides: Partial<PolicyOptions> = {}) {
       sampling: GREEDY,
       eosIds: [],
     }, clock);
-  return { scheduler, batch, metrics, run, add, now: () => clock, setNow: (t: number) => (clock = t) };
+  return {
+    scheduler,
+    batch,
+    metrics,
+    run,
+    add,
+    now: () => clock,
+    setNow: (t: number) => (clock = t),
+  };
 }
 
 /** [seqId, tokens computed, sample] of each sequence of an iteration's serving step. */
@@ -103,7 +128,10 @@ Deno.test("mace runs slices on an idle GPU and co-schedules them with decodes on
     s.run(it);
   }
   const threshold = 1000 * Math.sqrt(6 / 39);
-  assert.ok(joinedAt - servedAt >= threshold && joinedAt - servedAt < threshold + 11.2, `joined after ${joinedAt - servedAt} ms`);
+  assert.ok(
+    joinedAt - servedAt >= threshold && joinedAt - servedAt < threshold + 11.2,
+    `joined after ${joinedAt - servedAt} ms`,
+  );
 });
 
 Deno.test("δ_ft forces a slice in once fine-tuning has waited that long", () => {
@@ -132,7 +160,11 @@ Deno.test("δ_ft forces a slice in once fine-tuning has waited that long", () =>
 Deno.test("synchronous stops serving while its retraining job runs; periodic shares the GPU", () => {
   for (const name of ["synchronous", "periodic"]) {
     const s = setup(name, { periodMs: 100, pairsPerStep: 2 });
-    s.scheduler.addFeedback([{ id: 0, tokens: 20, payload: null }, { id: 1, tokens: 20, payload: null }], 0);
+    s.scheduler.addFeedback([{ id: 0, tokens: 20, payload: null }, {
+      id: 1,
+      tokens: 20,
+      payload: null,
+    }], 0);
     s.add(0, 8, 50);
     // Before the period ends: serving only.
     const before = s.scheduler.schedule(0)!;
@@ -152,7 +184,12 @@ Deno.test("inference-only never trains; the DPO-loss priority picks the highest-
   assert.equal(only.scheduler.schedule(0), null);
   assert.equal(only.scheduler.hasWork(0), false);
 
-  const s = setup("mace", { pairsPerStep: 1, maxTrainings: 3, retrainAboveLoss: 0.1, agingPerS: 0 });
+  const s = setup("mace", {
+    pairsPerStep: 1,
+    maxTrainings: 3,
+    retrainAboveLoss: 0.1,
+    agingPerS: 0,
+  });
   s.scheduler.addFeedback([0, 1, 2].map((id) => ({ id, tokens: 20, payload: null })), 0);
   // Train pair 0 once (it is first among equals): its measured loss is then 1.5, above ln 2.
   for (;;) {
@@ -164,5 +201,9 @@ Deno.test("inference-only never trains; the DPO-loss priority picks the highest-
     if (kind === "optimizer") break;
   }
   const next = s.scheduler.schedule(s.now())!;
-  assert.equal(next.finetune!.pairs[0].item.id, 0, "the pair with loss 1.5 beats the fresh ones (ln 2)");
+  assert.equal(
+    next.finetune!.pairs[0].item.id,
+    0,
+    "the pair with loss 1.5 beats the fresh ones (ln 2)",
+  );
 });

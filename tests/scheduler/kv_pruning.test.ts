@@ -3,7 +3,8 @@ import { meanAttentionMass, selectKeptSlots } from "../../src/scheduler/kv_pruni
 import { InvalidRequestError } from "../../src/engine/errors.ts";
 
 // Scores of slots 0..19: slot 7 and slot 12 stand out, slot 3 ties with slot 9 (lower wins).
-const score = (slot: number) => ({ 7: 9, 12: 8, 3: 5, 9: 5 } as Record<number, number>)[slot] ?? slot / 100;
+const score = (slot: number) =>
+  ({ 7: 9, 12: 8, 3: 5, 9: 5 } as Record<number, number>)[slot] ?? slot / 100;
 
 Deno.test("kv pruning: heavy hitters fill the budget between the sinks and the window", () => {
   const keep = selectKeptSlots(20, 10, { sinks: 2, window: 4, heavyHitters: true }, score);
@@ -16,8 +17,17 @@ Deno.test("kv pruning: without heavy hitters the rest of the budget is the most 
 });
 
 Deno.test("kv pruning: a budget at or above the slot count keeps everything; too small a budget is an error", () => {
-  assert.deepEqual(selectKeptSlots(5, 8, { sinks: 2, window: 2, heavyHitters: true }, score), [0, 1, 2, 3, 4]);
-  assert.throws(() => selectKeptSlots(20, 5, { sinks: 2, window: 4, heavyHitters: true }, score), InvalidRequestError);
+  assert.deepEqual(selectKeptSlots(5, 8, { sinks: 2, window: 2, heavyHitters: true }, score), [
+    0,
+    1,
+    2,
+    3,
+    4,
+  ]);
+  assert.throws(
+    () => selectKeptSlots(20, 5, { sinks: 2, window: 4, heavyHitters: true }, score),
+    InvalidRequestError,
+  );
 });
 
 Deno.test("kv pruning: the score is mass per query that saw the key, never dividing by zero", () => {

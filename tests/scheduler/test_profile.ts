@@ -24,7 +24,13 @@ export const TEST_PROFILE: CostProfile = {
     ftHeadTokens: 0,
     ftOptimizer: 1,
   },
-  memory: { kvBytesPerToken: 100, blockSize: 4, kvBlocks: 64, trainBytesPerToken: 10, trainStateBytes: 0 },
+  memory: {
+    kvBytesPerToken: 100,
+    blockSize: 4,
+    kvBlocks: 64,
+    trainBytesPerToken: 10,
+    trainStateBytes: 0,
+  },
   fit: { samples: 0, meanAbsErrorMs: 0, meanAbsPercentError: 0 },
   measuredAt: "2026-11-23T00:00:00Z",
 };

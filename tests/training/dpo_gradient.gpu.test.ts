@@ -43,11 +43,15 @@ async function directionalError(
   const norm = Math.hypot(...g);
   const random = randn(g.length, seed);
   const randomNorm = Math.hypot(...random);
-  const directions = [Float64Array.from(g, (x) => x / norm), Float64Array.from(random, (x) => x / randomNorm)];
+  const directions = [
+    Float64Array.from(g, (x) => x / norm),
+    Float64Array.from(random, (x) => x / randomNorm),
+  ];
   let relative = 0;
   const parts: string[] = [];
   for (const d of directions) {
-    const central = async (h: number) => ((await lossAlong(d, h)) - (await lossAlong(d, -h))) / (2 * h);
+    const central = async (h: number) =>
+      ((await lossAlong(d, h)) - (await lossAlong(d, -h))) / (2 * h);
     const fd = await central(Math.min(0.2, 1e-3 / norm));
     const exact = d.reduce((sum, x, i) => sum + x * g[i], 0);
     relative = Math.max(relative, Math.abs(fd - exact) / norm);
@@ -57,7 +61,14 @@ async function directionalError(
 }
 
 /** A copy of `w` with one tensor moved by step * direction. */
-function moved(w: LoraWeights, layer: number, target: LoraTarget, m: "a" | "b", direction: Float64Array, step: number) {
+function moved(
+  w: LoraWeights,
+  layer: number,
+  target: LoraTarget,
+  m: "a" | "b",
+  direction: Float64Array,
+  step: number,
+) {
   const copy = structuredClone(w);
   const values = copy.layers[layer][target]![m];
   for (let i = 0; i < values.length; i++) values[i] += step * direction[i];
@@ -65,12 +76,29 @@ function moved(w: LoraWeights, layer: number, target: LoraTarget, m: "a" | "b", 
 }
 
 const LLAMA_GQA: RandomModelSpec = {
-  architecture: "llama", hiddenSize: 24, intermediateSize: 40, numLayers: 2, numHeads: 4,
-  numKvHeads: 2, headDim: 8, vocabSize: 67, tieWordEmbeddings: false, seed: 21,
+  architecture: "llama",
+  hiddenSize: 24,
+  intermediateSize: 40,
+  numLayers: 2,
+  numHeads: 4,
+  numKvHeads: 2,
+  headDim: 8,
+  vocabSize: 67,
+  tieWordEmbeddings: false,
+  seed: 21,
 };
 const QWEN2_BIAS: RandomModelSpec = {
-  architecture: "qwen2", hiddenSize: 20, intermediateSize: 36, numLayers: 2, numHeads: 5,
-  numKvHeads: 1, vocabSize: 71, tieWordEmbeddings: true, seed: 22, bosTokenId: 1, eosTokenIds: [2],
+  architecture: "qwen2",
+  hiddenSize: 20,
+  intermediateSize: 36,
+  numLayers: 2,
+  numHeads: 5,
+  numKvHeads: 1,
+  vocabSize: 71,
+  tieWordEmbeddings: true,
+  seed: 22,
+  bosTokenId: 1,
+  eosTokenIds: [2],
 };
 const ALL_TARGETS: LoraTarget[] = ["q", "k", "v", "o", "gate", "up", "down"];
 
@@ -93,8 +121,13 @@ function randomAdapter(model: ModelConfig, config: LoraConfig, seed: number): Lo
 
 /** A pair sharing a 5-token prompt, responses of 4 and 6 tokens (last = EOS 2). */
 function testPair(vocab: number, seed: number): TrainingPair {
-  const ids = (n: number, s: number) => Array.from({ length: n }, (_, i) => 3 + ((i * 17 + s * 29) % (vocab - 3)));
-  return { prompt: [1, ...ids(4, seed)], chosen: [...ids(3, seed + 1), 2], rejected: [...ids(5, seed + 2), 2] };
+  const ids = (n: number, s: number) =>
+    Array.from({ length: n }, (_, i) => 3 + ((i * 17 + s * 29) % (vocab - 3)));
+  return {
+    prompt: [1, ...ids(4, seed)],
+    chosen: [...ids(3, seed + 1), 2],
+    rejected: [...ids(5, seed + 2), 2],
+  };
 }
 
 async function setUp(spec: RandomModelSpec, lora: LoraConfig) {
@@ -114,12 +147,23 @@ async function setUp(spec: RandomModelSpec, lora: LoraConfig) {
 }
 
 const CASES = [
-  { name: "llama GQA untied, all targets", spec: LLAMA_GQA, lora: { rank: 3, alpha: 5, targets: ALL_TARGETS, dropout: 0 } },
-  { name: "qwen2 biases tied, q and v", spec: QWEN2_BIAS, lora: { rank: 2, alpha: 4, targets: ["q", "v"] as LoraTarget[], dropout: 0 } },
+  {
+    name: "llama GQA untied, all targets",
+    spec: LLAMA_GQA,
+    lora: { rank: 3, alpha: 5, targets: ALL_TARGETS, dropout: 0 },
+  },
+  {
+    name: "qwen2 biases tied, q and v",
+    spec: QWEN2_BIAS,
+    lora: { rank: 2, alpha: 4, targets: ["q", "v"] as LoraTarget[], dropout: 0 },
+  },
 ];
 
 for (const { name, spec, lora } of CASES) {
-  Deno.test({ name: `DPO LoRA gradient matches the float64 reference and finite differences: ${name}`, ...gpuTest }, async () => {
+  Deno.test({
+    name: `DPO LoRA gradient matches the float64 reference and finite differences: ${name}`,
+    ...gpuTest,
+  }, async () => {
     const { config, reference, newTrainer } = await setUp(spec, lora);
     const beta = 0.7;
     const trainer = newTrainer({ beta });
@@ -134,16 +178,31 @@ for (const { name, spec, lora } of CASES) {
     const expected = dpoLossAndGrad(reference, adapter, refPair, beta);
 
     const [stats] = await trainer.accumulateGradients([pair]);
-    assertClose([stats.loss, stats.chosenLogp, stats.rejectedLogp], [
-      expected.loss, expected.policyChosen, expected.policyRejected,
-    ], { rtol: 1e-4 }, "loss and log-probs");
+    assertClose(
+      [stats.loss, stats.chosenLogp, stats.rejectedLogp],
+      [
+        expected.loss,
+        expected.policyChosen,
+        expected.policyRejected,
+      ],
+      { rtol: 1e-4 },
+      "loss and log-probs",
+    );
     const grads = await trainer.params.readGrads();
     let worstReference = 0, worstFd = 0;
     for (let l = 0; l < config.numLayers; l++) {
       for (const t of lora.targets) {
         for (const m of ["a", "b"] as const) {
-          assertClose(grads.layers[l][t]![m], expected.grads.layers[l][t]![m], GRADIENT, `layer ${l} ${t}.${m}`);
-          const { relative } = maxRelativeError(grads.layers[l][t]![m], expected.grads.layers[l][t]![m]);
+          assertClose(
+            grads.layers[l][t]![m],
+            expected.grads.layers[l][t]![m],
+            GRADIENT,
+            `layer ${l} ${t}.${m}`,
+          );
+          const { relative } = maxRelativeError(
+            grads.layers[l][t]![m],
+            expected.grads.layers[l][t]![m],
+          );
           worstReference = Math.max(worstReference, relative);
         }
       }
@@ -164,7 +223,10 @@ for (const { name, spec, lora } of CASES) {
             (d, step) => lossAt(moved(adapter, l, t, m, d, step)),
             7 * l + 3,
           );
-          assert.ok(relative < 1e-2, `layer ${l} ${t}.${m}: relative error ${relative.toExponential(2)} (${detail})`);
+          assert.ok(
+            relative < 1e-2,
+            `layer ${l} ${t}.${m}: relative error ${relative.toExponential(2)} (${detail})`,
+          );
           worstFd = Math.max(worstFd, relative);
         }
       }
@@ -177,7 +239,10 @@ for (const { name, spec, lora } of CASES) {
   });
 }
 
-Deno.test({ name: "one SGD step without clipping writes init - lr * grad; sliced equals unsliced", ...gpuTest }, async () => {
+Deno.test({
+  name: "one SGD step without clipping writes init - lr * grad; sliced equals unsliced",
+  ...gpuTest,
+}, async () => {
   const lora: LoraConfig = { rank: 3, alpha: 6, targets: ALL_TARGETS, dropout: 0 };
   const { config, reference, newTrainer } = await setUp(LLAMA_GQA, lora);
   const adapter = randomAdapter(config, lora, 5);
@@ -200,7 +265,10 @@ Deno.test({ name: "one SGD step without clipping writes init - lr * grad; sliced
         const want = init.map((x, i) => x - lr * expected.grads.layers[l][t]![m][i]);
         // The update's error is lr times the gradient's: scale the gradient tolerance by the step.
         const stepScale = Math.max(...expected.grads.layers[l][t]![m].map(Math.abs)) * lr;
-        assertClose(after.layers[l][t]![m], want, { rtol: 0, atol: GRADIENT.rtol * stepScale + 1e-7 }, `layer ${l} ${t}.${m}`);
+        assertClose(after.layers[l][t]![m], want, {
+          rtol: 0,
+          atol: GRADIENT.rtol * stepScale + 1e-7,
+        }, `layer ${l} ${t}.${m}`);
       }
     }
   }
@@ -256,7 +324,10 @@ Deno.test({
           (d, step) => training(moved(adapter, l, t, m, d, step)),
           5 * l + 1,
         );
-        assert.ok(relative < 1e-2, `layer ${l} ${t}.${m}: relative error ${relative.toExponential(2)} (${detail})`);
+        assert.ok(
+          relative < 1e-2,
+          `layer ${l} ${t}.${m}: relative error ${relative.toExponential(2)} (${detail})`,
+        );
       }
     }
   }

@@ -24,61 +24,80 @@ const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname
 const STORY_TOKENS = 48;
 const mentionsPark = (text: string) => /\bpark\b/i.test(text);
 
-Deno.test({ name: "DPO on the model's own samples teaches it to mention a park", ...gpuTest }, async () => {
-  const ctx = await testContext();
-  const { source, tokenizer } = await openModelWithTokenizer(MODEL_DIR);
-  const engine = await ServingEngine.create(ctx, source, {
-    maxSeqs: 16, maxContext: 64, maxTokens: 256,
-    lora: { maxAdapters: 1, maxRank: 8, targets: ["q", "v"] },
-  });
+Deno.test(
+  { name: "DPO on the model's own samples teaches it to mention a park", ...gpuTest },
+  async () => {
+    const ctx = await testContext();
+    const { source, tokenizer } = await openModelWithTokenizer(MODEL_DIR);
+    const engine = await ServingEngine.create(ctx, source, {
+      maxSeqs: 16,
+      maxContext: 64,
+      maxTokens: 256,
+      lora: { maxAdapters: 1, maxRank: 8, targets: ["q", "v"] },
+    });
 
-  const prompt = tokenizer.encode("Once upon a time", { addSpecialTokens: true });
-  const sample = (seeds: number[], adapter?: string) =>
-    Promise.all(seeds.map((seed) =>
-      engine.generate(prompt, {
-        maxTokens: STORY_TOKENS,
-        sampling: { temperature: 1, topK: 0, topP: 1, seed },
-        eosIds: [],
-        adapter,
-      }).then((o) => o.tokens)
-    ));
-  const range = (start: number, n: number) => Array.from({ length: n }, (_, i) => start + i);
-  const share = (stories: number[][]) =>
-    stories.filter((s) => mentionsPark(tokenizer.decode(s))).length / stories.length;
+    const prompt = tokenizer.encode("Once upon a time", { addSpecialTokens: true });
+    const sample = (seeds: number[], adapter?: string) =>
+      Promise.all(seeds.map((seed) =>
+        engine.generate(prompt, {
+          maxTokens: STORY_TOKENS,
+          sampling: { temperature: 1, topK: 0, topP: 1, seed },
+          eosIds: [],
+          adapter,
+        }).then((o) => o.tokens)
+      ));
+    const range = (start: number, n: number) => Array.from({ length: n }, (_, i) => start + i);
+    const share = (stories: number[][]) =>
+      stories.filter((s) => mentionsPark(tokenizer.decode(s))).length / stories.length;
 
-  // Preference pairs: every story with a park against up to three without, in seed order.
-  const pairsFrom = (stories: number[][]): TrainingPair[] => {
-    const yes = stories.filter((s) => mentionsPark(tokenizer.decode(s)));
-    const no = stories.filter((s) => !mentionsPark(tokenizer.decode(s)));
-    return no.slice(0, 3 * yes.length).map((rejected, i) => ({ prompt, chosen: yes[i % yes.length], rejected }));
-  };
-  const train = pairsFrom(await sample(range(0, 96)));
-  const heldOut = pairsFrom(await sample(range(500, 48)));
-  const evalSeeds = range(1000, 64);
-  const before = share(await sample(evalSeeds));
+    // Preference pairs: every story with a park against up to three without, in seed order.
+    const pairsFrom = (stories: number[][]): TrainingPair[] => {
+      const yes = stories.filter((s) => mentionsPark(tokenizer.decode(s)));
+      const no = stories.filter((s) => !mentionsPark(tokenizer.decode(s)));
+      return no.slice(0, 3 * yes.length).map((rejected, i) => ({
+        prompt,
+        chosen: yes[i % yes.length],
+        rejected,
+      }));
+    };
+    const train = pairsFrom(await sample(range(0, 96)));
+    const heldOut = pairsFrom(await sample(range(500, 48)));
+    const evalSeeds = range(1000, 64);
+    const before = share(await sample(evalSeeds));
 
-  const targets: LoraTarget[] = ["q", "v"];
-  const trainer = new DpoTrainer(ctx, source.config, engine.runner.weights, { rank: 8, alpha: 16, targets, dropout: 0 }, {
-    beta: 0.1, learningRate: 1e-3, maxPairsPerStep: 4, maxLength: prompt.length + STORY_TOKENS,
-  });
-  trainer.initialize(1);
-  const heldBefore = await trainer.evaluate(heldOut);
-  const steps = 16;
-  for (let step = 0; step < steps; step++) {
-    await trainer.step(Array.from({ length: 4 }, (_, i) => train[(step * 4 + i) % train.length]));
-  }
-  const heldAfter = await trainer.evaluate(heldOut);
-  const adapter = engine.publishAdapter("park", await trainer.params.read());
-  const after = share(await sample(evalSeeds, adapter));
-  trainer.destroy();
-  engine.destroy();
+    const targets: LoraTarget[] = ["q", "v"];
+    const trainer = new DpoTrainer(ctx, source.config, engine.runner.weights, {
+      rank: 8,
+      alpha: 16,
+      targets,
+      dropout: 0,
+    }, {
+      beta: 0.1,
+      learningRate: 1e-3,
+      maxPairsPerStep: 4,
+      maxLength: prompt.length + STORY_TOKENS,
+    });
+    trainer.initialize(1);
+    const heldBefore = await trainer.evaluate(heldOut);
+    const steps = 16;
+    for (let step = 0; step < steps; step++) {
+      await trainer.step(Array.from({ length: 4 }, (_, i) => train[(step * 4 + i) % train.length]));
+    }
+    const heldAfter = await trainer.evaluate(heldOut);
+    const adapter = engine.publishAdapter("park", await trainer.params.read());
+    const after = share(await sample(evalSeeds, adapter));
+    trainer.destroy();
+    engine.destroy();
 
-  console.log(
-    `park stories (seeds 1000..1063): base ${(100 * before).toFixed(1)}% -> DPO ${(100 * after).toFixed(1)}%; ` +
-      `${train.length} train pairs, ${steps} steps of 4; held-out (${heldOut.length} pairs) reward accuracy ` +
-      `${heldBefore.rewardAccuracy.toFixed(2)} -> ${heldAfter.rewardAccuracy.toFixed(2)}, ` +
-      `loss ${heldBefore.loss.toFixed(3)} -> ${heldAfter.loss.toFixed(3)}`,
-  );
-  ok(after >= before + 0.1, `park share must rise clearly: ${before} -> ${after}`);
-  ok(heldAfter.rewardAccuracy > 0.5, `held-out reward accuracy ${heldAfter.rewardAccuracy}`);
-});
+    console.log(
+      `park stories (seeds 1000..1063): base ${(100 * before).toFixed(1)}% -> DPO ${
+        (100 * after).toFixed(1)
+      }%; ` +
+        `${train.length} train pairs, ${steps} steps of 4; held-out (${heldOut.length} pairs) reward accuracy ` +
+        `${heldBefore.rewardAccuracy.toFixed(2)} -> ${heldAfter.rewardAccuracy.toFixed(2)}, ` +
+        `loss ${heldBefore.loss.toFixed(3)} -> ${heldAfter.loss.toFixed(3)}`,
+    );
+    ok(after >= before + 0.1, `park share must rise clearly: ${before} -> ${after}`);
+    ok(heldAfter.rewardAccuracy > 0.5, `held-out reward accuracy ${heldAfter.rewardAccuracy}`);
+  },
+);

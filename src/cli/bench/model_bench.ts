@@ -89,7 +89,12 @@ export async function runModelBench(
   // Prefill straight on the runner (no request is live, so its KV blocks are ours to scribble on).
   const blockTable = Array.from({ length: runner.capacity.maxBlocksPerSeq }, (_, i) => i);
   const prefill: SequenceWork = {
-    seqId: 0, tokens: prompt, startPosition: 0, blockTable, sample: true, sampling: GREEDY,
+    seqId: 0,
+    tokens: prompt,
+    startPosition: 0,
+    blockTable,
+    sample: true,
+    sampling: GREEDY,
   };
   // One untimed full-size prefill: the engine's warm-up runs 2 tokens, and kernels used only
   // for many rows (the tiled matmul) pay one-time costs on their first dispatch (e.g. driver
@@ -107,18 +112,26 @@ export async function runModelBench(
   // (fed-back tokens), then the measured one: its tokens after the first are pure decode steps.
   const noEos: readonly number[] = []; // random weights may sample EOS; we want a fixed length
   await engine.generate(prompt.slice(0, Math.min(4, promptTokens)), {
-    maxTokens: Math.min(3, genTokens + 1), sampling: GREEDY, eosIds: noEos,
+    maxTokens: Math.min(3, genTokens + 1),
+    sampling: GREEDY,
+    eosIds: noEos,
   });
   const output = await engine.generate(prompt, {
-    maxTokens: genTokens + 1, sampling: GREEDY, eosIds: noEos,
+    maxTokens: genTokens + 1,
+    sampling: GREEDY,
+    eosIds: noEos,
   });
   const decode = decodeRate(output);
   // The engine's last step for a request only writes the K/V of its final token (no sample),
   // so replay one sampling decode at the end of the context for the per-kernel table.
   await runner.execute({
     sequences: [{
-      seqId: 0, tokens: [output.tokens.at(-1)!], startPosition: promptTokens + genTokens,
-      blockTable, sample: true, sampling: GREEDY,
+      seqId: 0,
+      tokens: [output.tokens.at(-1)!],
+      startPosition: promptTokens + genTokens,
+      blockTable,
+      sample: true,
+      sampling: GREEDY,
     }],
   });
   const decodeCounts = runner.lastCounts!;

@@ -32,7 +32,9 @@ export async function compareWithBaseline(r: ModelBenchResult): Promise<Baseline
 
 export async function writeResult(r: ModelBenchResult): Promise<string> {
   await Deno.mkdir(RESULTS_DIR, { recursive: true });
-  const file = `${RESULTS_DIR}${r.name}-${r.backend}-${r.weightDtype}-${r.date.replace(/[:.]/g, "-")}.json`;
+  const file = `${RESULTS_DIR}${r.name}-${r.backend}-${r.weightDtype}-${
+    r.date.replace(/[:.]/g, "-")
+  }.json`;
   await Deno.writeTextFile(file, JSON.stringify(r, null, 2) + "\n");
   return file;
 }
@@ -47,17 +49,23 @@ export function loadLine(load: number[]): string {
 
 export function printModelBench(r: ModelBenchResult, baseline: BaselineComparison | null): void {
   const lines = [
-    `== ${r.name} (${r.weightDtype} weights) on ${r.backend}: ${r.adapter}${r.software ? " [software]" : ""}`,
+    `== ${r.name} (${r.weightDtype} weights) on ${r.backend}: ${r.adapter}${
+      r.software ? " [software]" : ""
+    }`,
     `prefill  ${r.promptTokens} tokens: ${r.prefillTokensPerSecond.toFixed(1)} tokens/s` +
-      (baseline ? `   (x${baseline.prefillRatio.toFixed(2)} vs baseline)` : ""),
+    (baseline ? `   (x${baseline.prefillRatio.toFixed(2)} vs baseline)` : ""),
     `decode   ${r.genTokens} tokens: ${r.decodeTokensPerSecond.toFixed(1)} tokens/s` +
-      (baseline ? `   (x${baseline.decodeRatio.toFixed(2)} vs baseline)` : ""),
-    `weights read per token ${mib(r.weightBytesPerToken)} MiB -> ${r.weightBandwidthGBs.toFixed(2)} GB/s ` +
-      `(${((100 * r.weightBandwidthGBs) / r.copyBandwidthGBs).toFixed(1)}% of this device's copy bandwidth ` +
-      `${r.copyBandwidthGBs.toFixed(2)} GB/s)`,
+    (baseline ? `   (x${baseline.decodeRatio.toFixed(2)} vs baseline)` : ""),
+    `weights read per token ${mib(r.weightBytesPerToken)} MiB -> ${
+      r.weightBandwidthGBs.toFixed(2)
+    } GB/s ` +
+    `(${
+      ((100 * r.weightBandwidthGBs) / r.copyBandwidthGBs).toFixed(1)
+    }% of this device's copy bandwidth ` +
+    `${r.copyBandwidthGBs.toFixed(2)} GB/s)`,
     `GPU memory: weights ${mib(r.memory.weightBytes)} MiB, KV ${mib(r.memory.kvBytes)} MiB ` +
-      `(${r.memory.kvBytesPerToken} B/token), activations ${mib(r.memory.activationBytes)} MiB, ` +
-      `peak ${mib(r.peakGpuBytes)} MiB`,
+    `(${r.memory.kvBytesPerToken} B/token), activations ${mib(r.memory.activationBytes)} MiB, ` +
+    `peak ${mib(r.peakGpuBytes)} MiB`,
     ...(r.software && r.hostLoadAverage ? [loadLine(r.hostLoadAverage)] : []),
     "",
     "phase    kernel               ms/step      GB/s   GFLOP/s",
@@ -70,6 +78,8 @@ export function printModelBench(r: ModelBenchResult, baseline: BaselineCompariso
       );
     }
   }
-  if (!baseline) lines.push(`(no baseline recorded: copy the JSON to bench/baselines/${baselineName(r)})`);
+  if (!baseline) {
+    lines.push(`(no baseline recorded: copy the JSON to bench/baselines/${baselineName(r)})`);
+  }
   console.log(lines.join("\n"));
 }

@@ -13,7 +13,11 @@ import type { ModelSource } from "../../engine/model/source.ts";
 import type { LoraConfig } from "../../engine/lora/lora.ts";
 import { ModelRunner } from "../../engine/runner/model_runner.ts";
 import { GREEDY } from "../../engine/step.ts";
-import { DpoTrainer, type TrainingPair, type TrainingSlice } from "../../engine/training/dpo_trainer.ts";
+import {
+  DpoTrainer,
+  type TrainingPair,
+  type TrainingSlice,
+} from "../../engine/training/dpo_trainer.ts";
 import { median, promptIds } from "./measure.ts";
 import { loadLine, RESULTS_DIR } from "./report.ts";
 
@@ -74,9 +78,17 @@ export async function runTrainBench(
     chosen: promptIds(options.responseTokens, c.vocabSize, seed + 1),
     rejected: promptIds(options.responseTokens, c.vocabSize, seed + 2),
   });
-  const trainer = new DpoTrainer(ctx, c, weights, options.lora, { maxLength: length, maxPairsPerStep: 1 });
+  const trainer = new DpoTrainer(ctx, c, weights, options.lora, {
+    maxLength: length,
+    maxPairsPerStep: 1,
+  });
   trainer.initialize(0);
-  const slices: Record<string, number[]> = { reference: [], forward: [], backward: [], optimizer: [] };
+  const slices: Record<string, number[]> = {
+    reference: [],
+    forward: [],
+    backward: [],
+    optimizer: [],
+  };
   const steps: number[] = [];
   /** Per step: its reference slices together (a scoring forward of the pair). */
   const scoring: number[] = [];
@@ -99,7 +111,10 @@ export async function runTrainBench(
 
   // Baseline: inference prefill of the same two sequences (one step, both sampled at the end).
   const runner = await ModelRunner.create(ctx, source, {
-    weightDtype: options.weightDtype, maxSeqs: 2, maxTokens: 2 * length, maxContext: length,
+    weightDtype: options.weightDtype,
+    maxSeqs: 2,
+    maxTokens: 2 * length,
+    maxContext: length,
   });
   const blocks = Math.ceil(length / runner.capacity.blockSize);
   const p = pair(7);
@@ -115,7 +130,9 @@ export async function runTrainBench(
   };
   await runner.execute(plan);
   const prefills: number[] = [];
-  for (let i = 0; i < 3; i++) prefills.push(await timed(ctx, async () => void await runner.execute(plan)));
+  for (let i = 0; i < 3; i++) {
+    prefills.push(await timed(ctx, async () => void await runner.execute(plan)));
+  }
   runner.destroy();
 
   // Memory at the full depth: allocate (not run) a trainer per length.
@@ -123,7 +140,10 @@ export async function runTrainBench(
   const fullWeights = await uploadWeights(ctx, full, options.weightDtype);
   const memory = [];
   for (const tokens of [256, 512]) {
-    const t = new DpoTrainer(ctx, full.config, fullWeights, options.lora, { maxLength: tokens, maxPairsPerStep: 1 });
+    const t = new DpoTrainer(ctx, full.config, fullWeights, options.lora, {
+      maxLength: tokens,
+      maxPairsPerStep: 1,
+    });
     memory.push({ tokens, ...t.memory });
     t.destroy();
   }
@@ -160,18 +180,34 @@ const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(1);
 export function printTrainBench(r: TrainBenchResult): void {
   const o = r.options;
   console.log([
-    `== DPO training: ${r.name} (${r.layers} layers, ${o.weightDtype}) on ${r.backend}: ${r.adapter}${r.software ? " [software]" : ""}`,
-    `LoRA r=${o.lora.rank} alpha=${o.lora.alpha} on ${o.lora.targets.join(",")}; pair = prompt ${o.promptTokens} + ` +
+    `== DPO training: ${r.name} (${r.layers} layers, ${o.weightDtype}) on ${r.backend}: ${r.adapter}${
+      r.software ? " [software]" : ""
+    }`,
+    `LoRA r=${o.lora.rank} alpha=${o.lora.alpha} on ${
+      o.lora.targets.join(",")
+    }; pair = prompt ${o.promptTokens} + ` +
     `responses ${o.responseTokens} tokens; ${o.steps} timed steps of 1 pair`,
-    `step ${r.stepMs.toFixed(1)} ms: ${r.pairsPerSecond.toFixed(3)} pairs/s, ${r.tokensPerSecond.toFixed(1)} tokens/s`,
-    `slices (median ms per ${o.layersPerSlice} layers): reference ${r.sliceMs.reference.toFixed(1)} (once per ` +
-    `pair, cached), forward ${r.sliceMs.forward.toFixed(1)}, backward ${r.sliceMs.backward.toFixed(1)} (the last ` +
-    `forward and the first backward also run the head), optimizer ${r.sliceMs.optimizer.toFixed(1)}`,
-    `baselines on the same two sequences: a DPO step costs x${r.stepOverScoring.toFixed(2)} of scoring them ` +
+    `step ${r.stepMs.toFixed(1)} ms: ${r.pairsPerSecond.toFixed(3)} pairs/s, ${
+      r.tokensPerSecond.toFixed(1)
+    } tokens/s`,
+    `slices (median ms per ${o.layersPerSlice} layers): reference ${
+      r.sliceMs.reference.toFixed(1)
+    } (once per ` +
+    `pair, cached), forward ${r.sliceMs.forward.toFixed(1)}, backward ${
+      r.sliceMs.backward.toFixed(1)
+    } (the last ` +
+    `forward and the first backward also run the head), optimizer ${
+      r.sliceMs.optimizer.toFixed(1)
+    }`,
+    `baselines on the same two sequences: a DPO step costs x${
+      r.stepOverScoring.toFixed(2)
+    } of scoring them ` +
     `(the reference slice) and x${r.stepOverPrefill.toFixed(2)} of an inference prefill ` +
     `(${r.prefillMs.toFixed(1)} ms, last-token logits only)`,
     ...r.memory.map((m) =>
-      `GPU memory per pair at ${m.tokens} tokens (full depth): activations + checkpoints ${mib(m.activationBytes)} MiB, ` +
+      `GPU memory per pair at ${m.tokens} tokens (full depth): activations + checkpoints ${
+        mib(m.activationBytes)
+      } MiB, ` +
       `adapter + grads + AdamW ${mib(m.adapterBytes)} MiB`
     ),
     loadLine(r.hostLoad),
@@ -180,7 +216,9 @@ export function printTrainBench(r: TrainBenchResult): void {
 
 export async function writeTrainResult(r: TrainBenchResult): Promise<string> {
   await Deno.mkdir(RESULTS_DIR, { recursive: true });
-  const file = `${RESULTS_DIR}train-${r.name}-${r.backend}-l${r.layers}-${r.date.replace(/[:.]/g, "-")}.json`;
+  const file = `${RESULTS_DIR}train-${r.name}-${r.backend}-l${r.layers}-${
+    r.date.replace(/[:.]/g, "-")
+  }.json`;
   await Deno.writeTextFile(file, JSON.stringify(r, null, 2) + "\n");
   return file;
 }

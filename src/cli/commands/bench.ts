@@ -5,15 +5,19 @@
  * and reports ratios against a recorded baseline (bench/baselines/) and against
  * the device's own copy bandwidth measured in the same run.
  */
-import { parseFlags, numberFlag } from "../args.ts";
+import { numberFlag, parseFlags } from "../args.ts";
 import { type BackendName, createGpuContext, type GpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { QWEN25_05B, randomModelSource, SMOLLM2_135M } from "../../engine/model/random_model.ts";
 import type { ModelSource } from "../../engine/model/source.ts";
 import { InvalidRequestError } from "../../engine/errors.ts";
-import { runModelBench, type ModelBenchResult } from "../bench/model_bench.ts";
-import { printModelBench, writeResult, compareWithBaseline } from "../bench/report.ts";
-import { BATCH_DEFAULTS, batchBenchCommand, describeBatchDefaults } from "../bench/batch_command.ts";
+import { type ModelBenchResult, runModelBench } from "../bench/model_bench.ts";
+import { compareWithBaseline, printModelBench, writeResult } from "../bench/report.ts";
+import {
+  BATCH_DEFAULTS,
+  batchBenchCommand,
+  describeBatchDefaults,
+} from "../bench/batch_command.ts";
 import { printTrainBench, runTrainBench, writeTrainResult } from "../bench/train_bench.ts";
 import { parseTargets } from "./train.ts";
 
@@ -66,7 +70,9 @@ export async function benchCommand(argv: string[]): Promise<void> {
   const trainOnly = ["response-tokens", "steps", "rank", "targets", "layers-per-slice"] as const;
   if (!flags.train) {
     const misplaced = trainOnly.filter((f) => flags[f] !== undefined);
-    if (misplaced.length) throw new InvalidRequestError(`--${misplaced.join(", --")}: only with --train`);
+    if (misplaced.length) {
+      throw new InvalidRequestError(`--${misplaced.join(", --")}: only with --train`);
+    }
   }
   const batchOnly = ["batch-sizes", "prefix-tokens", "requests", "rounds"] as const;
   if (!flags.batch && !flags.train && flags.layers !== undefined) {
@@ -104,16 +110,27 @@ export async function benchCommand(argv: string[]): Promise<void> {
     genTokens: numberFlag(flags["gen-tokens"], "gen-tokens", genDefault, positive),
   });
 
-  const jobs: { name: string; source: () => Promise<ModelSource>; promptTokens: number; genTokens: number }[] = [];
+  const jobs: {
+    name: string;
+    source: () => Promise<ModelSource>;
+    promptTokens: number;
+    genTokens: number;
+  }[] = [];
   if (flags.model) {
     const path = flags.model;
-    jobs.push({ name: path.replace(/\/+$/, "").split("/").pop()!, source: () => openModel(path), ...sizes(128, 128) });
+    jobs.push({
+      name: path.replace(/\/+$/, "").split("/").pop()!,
+      source: () => openModel(path),
+      ...sizes(128, 128),
+    });
   } else {
     const names = flags.preset === "all" ? Object.keys(PRESETS) : [flags.preset!];
     for (const name of names) {
       const spec = PRESETS[name];
       if (!spec) {
-        throw new InvalidRequestError(`--preset ${name}: expected one of ${Object.keys(PRESETS).join(", ")}, all`);
+        throw new InvalidRequestError(
+          `--preset ${name}: expected one of ${Object.keys(PRESETS).join(", ")}, all`,
+        );
       }
       const [p, g] = ctx.isSoftware ? [32, 8] : [512, 128];
       jobs.push({ name, source: () => Promise.resolve(randomModelSource(spec)), ...sizes(p, g) });
@@ -138,11 +155,20 @@ export async function benchCommand(argv: string[]): Promise<void> {
 
 async function trainBench(ctx: GpuContext, flags: Record<string, string | boolean | undefined>) {
   const positive = (n: number) => Number.isInteger(n) && n >= 1;
-  const name = flags.preset === undefined || flags.preset === "all" ? "smollm2-135m" : String(flags.preset);
+  const name = flags.preset === undefined || flags.preset === "all"
+    ? "smollm2-135m"
+    : String(flags.preset);
   const spec = PRESETS[name];
-  if (!spec) throw new InvalidRequestError(`--preset ${name}: expected one of ${Object.keys(PRESETS).join(", ")}`);
+  if (!spec) {
+    throw new InvalidRequestError(
+      `--preset ${name}: expected one of ${Object.keys(PRESETS).join(", ")}`,
+    );
+  }
   const soft = ctx.isSoftware;
-  const layers = Math.min(numberFlag(flags.layers, "layers", soft ? 2 : spec.numLayers, positive), spec.numLayers);
+  const layers = Math.min(
+    numberFlag(flags.layers, "layers", soft ? 2 : spec.numLayers, positive),
+    spec.numLayers,
+  );
   const result = await runTrainBench(
     ctx,
     name,
@@ -150,7 +176,12 @@ async function trainBench(ctx: GpuContext, flags: Record<string, string | boolea
     () => randomModelSource(spec),
     {
       promptTokens: numberFlag(flags["prompt-tokens"], "prompt-tokens", soft ? 32 : 128, positive),
-      responseTokens: numberFlag(flags["response-tokens"], "response-tokens", soft ? 32 : 128, positive),
+      responseTokens: numberFlag(
+        flags["response-tokens"],
+        "response-tokens",
+        soft ? 32 : 128,
+        positive,
+      ),
       steps: numberFlag(flags.steps, "steps", soft ? 2 : 5, positive),
       layersPerSlice: numberFlag(flags["layers-per-slice"], "layers-per-slice", layers, positive),
       lora: {

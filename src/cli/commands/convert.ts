@@ -12,7 +12,9 @@ export async function convertCommand(argv: string[]): Promise<void> {
     tokenizer: { type: "string" },
     out: { type: "string" },
   }, "convert");
-  if (!flags.llama2c || !flags.out) throw new InvalidRequestError("convert needs --llama2c FILE and --out DIR");
+  if (!flags.llama2c || !flags.out) {
+    throw new InvalidRequestError("convert needs --llama2c FILE and --out DIR");
+  }
   const tokenizer = flags.tokenizer ?? flags.llama2c.replace(/[^/]*$/, "tok512.bin");
   await convertLlama2cToHf(flags.llama2c, tokenizer, flags.out);
   console.log(`wrote ${flags.out}`);

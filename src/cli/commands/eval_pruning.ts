@@ -11,7 +11,8 @@ import { ModelRunner } from "../../engine/runner/model_runner.ts";
 import { ServingEngine } from "../../host/serving_engine.ts";
 import { type PruningEvalResult, scoreWithPruning } from "../../host/pruning_eval.ts";
 
-export const EVAL_PRUNING_HELP = `mace eval-pruning [--model DIR|FILE] [--length N] [--budget-percent P]
+export const EVAL_PRUNING_HELP =
+  `mace eval-pruning [--model DIR|FILE] [--length N] [--budget-percent P]
     [--sinks N] [--window N] [--seed S] [--backend auto|wgpu|dawn]
   Log-likelihood of a sampled N-token text (default 256) with the KV cache pruned to P% of N
   (default 50), H2O (sinks + window + heavy hitters) against sinks + recency window.`;
@@ -28,14 +29,24 @@ export async function evalPruningCommand(argv: string[]): Promise<void> {
   }, "eval-pruning");
   const int = (min: number) => (n: number) => Number.isInteger(n) && n >= min;
   const length = numberFlag(flags.length, "length", 256, int(32));
-  const percent = numberFlag(flags["budget-percent"], "budget-percent", 50, (n) => n > 0 && n < 100);
+  const percent = numberFlag(
+    flags["budget-percent"],
+    "budget-percent",
+    50,
+    (n) => n > 0 && n < 100,
+  );
   const sinks = numberFlag(flags.sinks, "sinks", 4, int(0));
   const seed = numberFlag(flags.seed, "seed", 7, int(0));
   const ctx = await createGpuContext({ backend: flags.backend as BackendName });
   const source = await openModel(flags.model!);
   const blockSize = 16;
   const budget = Math.round((length * percent) / 100 / blockSize) * blockSize;
-  const window = numberFlag(flags.window, "window", Math.floor((budget - blockSize - sinks) / 2), int(0));
+  const window = numberFlag(
+    flags.window,
+    "window",
+    Math.floor((budget - blockSize - sinks) / 2),
+    int(0),
+  );
   const sizes = { maxSeqs: 1, maxContext: length, maxTokens: 16, blockSize };
 
   const engine = await ServingEngine.create(ctx, source, sizes);
@@ -50,29 +61,55 @@ export async function evalPruningCommand(argv: string[]): Promise<void> {
   const runner = await ModelRunner.create(ctx, source, sizes);
   const runs: [string, PruningEvalResult][] = [
     ["full KV", await scoreWithPruning(runner, text, 0, { sinks, window, heavyHitters: true })],
-    ["H2O (sinks+window+heavy)", await scoreWithPruning(runner, text, budget, { sinks, window, heavyHitters: true })],
-    ["sinks+window", await scoreWithPruning(runner, text, budget, { sinks, window: 0, heavyHitters: false })],
+    [
+      "H2O (sinks+window+heavy)",
+      await scoreWithPruning(runner, text, budget, { sinks, window, heavyHitters: true }),
+    ],
+    [
+      "sinks+window",
+      await scoreWithPruning(runner, text, budget, { sinks, window: 0, heavyHitters: false }),
+    ],
   ];
   runner.destroy();
   const full = runs[0][1];
   const kvBytesPerBlock = runner.memory.kvBytesPerToken * blockSize;
-  console.log(`${source.description}: ${text.length} tokens, KV budget ${budget} tokens (${percent}%), ` +
-    `sinks ${sinks}, window ${window}, ${ctx.backend}`);
+  console.log(
+    `${source.description}: ${text.length} tokens, KV budget ${budget} tokens (${percent}%), ` +
+      `sinks ${sinks}, window ${window}, ${ctx.backend}`,
+  );
   console.log("policy                      log-lik   change   evicted  peak KV");
   for (const [name, r] of runs) {
     console.log(
       `${name.padEnd(26)} ${r.logLikelihood.toFixed(2).padStart(8)} ` +
-        `${(r.logLikelihood - full.logLikelihood).toFixed(2).padStart(8)} ${String(r.evictedTokens).padStart(9)} ` +
+        `${(r.logLikelihood - full.logLikelihood).toFixed(2).padStart(8)} ${
+          String(r.evictedTokens).padStart(9)
+        } ` +
         `${((r.peakBlocks * kvBytesPerBlock) / 1024).toFixed(1).padStart(6)} KiB`,
     );
   }
   const dir = new URL("../../../bench/results/", import.meta.url).pathname;
   await Deno.mkdir(dir, { recursive: true });
-  const file = `${dir}pruning-${ctx.backend}-${new Date().toISOString().replace(/[:.]/g, "-")}.json`;
-  await Deno.writeTextFile(file, JSON.stringify({
-    model: source.description, backend: ctx.backend, length, budget, sinks, window, seed,
-    kvBytesPerBlock, runs: Object.fromEntries(runs),
-  }, null, 2) + "\n");
+  const file = `${dir}pruning-${ctx.backend}-${
+    new Date().toISOString().replace(/[:.]/g, "-")
+  }.json`;
+  await Deno.writeTextFile(
+    file,
+    JSON.stringify(
+      {
+        model: source.description,
+        backend: ctx.backend,
+        length,
+        budget,
+        sinks,
+        window,
+        seed,
+        kvBytesPerBlock,
+        runs: Object.fromEntries(runs),
+      },
+      null,
+      2,
+    ) + "\n",
+  );
   console.error(`wrote ${file}`);
   ctx.destroy();
 }

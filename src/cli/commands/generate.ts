@@ -62,8 +62,18 @@ export async function generateCommand(argv: string[]): Promise<void> {
   const defaults = source.generationConfig ?? {};
   const maxTokens = numberFlag(flags["max-tokens"], "max-tokens", 256, positiveInt);
   const sampling: SamplingParams = {
-    temperature: numberFlag(flags.temperature, "temperature", defaults.temperature ?? 0, (n) => n >= 0),
-    topK: numberFlag(flags["top-k"], "top-k", defaults.topK ?? 0, (n) => Number.isInteger(n) && n >= 0),
+    temperature: numberFlag(
+      flags.temperature,
+      "temperature",
+      defaults.temperature ?? 0,
+      (n) => n >= 0,
+    ),
+    topK: numberFlag(
+      flags["top-k"],
+      "top-k",
+      defaults.topK ?? 0,
+      (n) => Number.isInteger(n) && n >= 0,
+    ),
     topP: numberFlag(flags["top-p"], "top-p", defaults.topP ?? 1, (n) => n > 0 && n <= 1),
     seed: numberFlag(flags.seed, "seed", 0, (n) => Number.isInteger(n) && n >= 0),
   };
@@ -79,7 +89,9 @@ export async function generateCommand(argv: string[]): Promise<void> {
     },
   }));
   const longest = Math.max(...requests.map((r) => r.prompt.length + r.maxTokens));
-  const adapter = flags.adapter === undefined ? null : await readPeftAdapter(flags.adapter, source.config);
+  const adapter = flags.adapter === undefined
+    ? null
+    : await readPeftAdapter(flags.adapter, source.config);
 
   const ctx = await createGpuContext({ backend });
   const engine = await ServingEngine.create(ctx, source, {
@@ -99,14 +111,26 @@ export async function generateCommand(argv: string[]): Promise<void> {
   const adapterId = adapter ? engine.publishAdapter("adapter", adapter) : undefined;
   try {
     if (flags.prompts === undefined) {
-      await generateOne(engine, tokenizer, { ...requests[0], adapter: adapterId }, flags.json!, ctx);
+      await generateOne(
+        engine,
+        tokenizer,
+        { ...requests[0], adapter: adapterId },
+        flags.json!,
+        ctx,
+      );
     } else {
-      const outputs = await Promise.all(requests.map((r) => engine.generate(r.prompt, { ...r, adapter: adapterId })));
-      for (const output of outputs) console.log(JSON.stringify(outputJson(output, tokenizer, adapterId)));
+      const outputs = await Promise.all(
+        requests.map((r) => engine.generate(r.prompt, { ...r, adapter: adapterId })),
+      );
+      for (const output of outputs) {
+        console.log(JSON.stringify(outputJson(output, tokenizer, adapterId)));
+      }
       const stats = engine.blockManager.stats();
       console.error(
         `[${outputs.length} prompts, ${outputs.reduce((n, o) => n + o.tokens.length, 0)} tokens, ` +
-          `prefix hit rate ${(100 * stats.hitRate).toFixed(1)}%, ${ctx.backend}: ${ctx.adapterDescription}]`,
+          `prefix hit rate ${
+            (100 * stats.hitRate).toFixed(1)
+          }%, ${ctx.backend}: ${ctx.adapterDescription}]`,
       );
     }
   } finally {
@@ -127,7 +151,9 @@ function encodePrompt(tokenizer: Tokenizer, text: string, bos: number | null): n
   const ids = tokenizer.encode(text, { addSpecialTokens: true });
   if (ids.length === 0 && bos !== null) ids.push(bos);
   if (ids.length === 0) {
-    throw new InvalidRequestError("the prompt is empty and the model has no BOS token to start from");
+    throw new InvalidRequestError(
+      "the prompt is empty and the model has no BOS token to start from",
+    );
   }
   return ids;
 }
@@ -151,7 +177,13 @@ function outputJson(output: RequestOutput, tokenizer: Tokenizer, adapter: string
 async function generateOne(
   engine: ServingEngine,
   tokenizer: Tokenizer,
-  request: { text: string; prompt: number[]; maxTokens: number; sampling: SamplingParams; adapter?: string },
+  request: {
+    text: string;
+    prompt: number[];
+    maxTokens: number;
+    sampling: SamplingParams;
+    adapter?: string;
+  },
   json: boolean,
   ctx: { backend: string; adapterDescription: string },
 ): Promise<void> {

@@ -1,6 +1,6 @@
 /** `mace info`: the GPU adapter, its features and limits, and (with --model) the model's shape. */
 import { parseFlags } from "../args.ts";
-import { createGpuContext, type BackendName } from "../../engine/gpu/context.ts";
+import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { parameterCount } from "../../engine/model/config.ts";
 
@@ -23,7 +23,11 @@ export async function infoCommand(argv: string[]): Promise<void> {
   };
   if (flags.model) {
     const source = await openModel(flags.model);
-    info.model = { path: source.description, parameters: parameterCount(source.config), ...source.config };
+    info.model = {
+      path: source.description,
+      parameters: parameterCount(source.config),
+      ...source.config,
+    };
   }
   console.log(flags.json ? JSON.stringify(info) : JSON.stringify(info, null, 2));
   ctx.destroy();

@@ -11,11 +11,12 @@ import { replayWorkload } from "../../host/replay.ts";
 import type { Engine } from "../../worker/engine_api.ts";
 import { loadTrace, poissonWorkload } from "../../scheduler/sim/workload.ts";
 import { simulate } from "../../scheduler/sim/simulator.ts";
-import { policyOptions, POLICY_NAMES } from "../../scheduler/mace/policy.ts";
+import { POLICY_NAMES, policyOptions } from "../../scheduler/mace/policy.ts";
 import { DEFAULT_PROFILE, loadProfile } from "../../scheduler/profiles.ts";
 import { formatSummaryTable, type MetricsSummary } from "../../scheduler/metrics.ts";
 
-export const LOADTEST_HELP = `mace loadtest [--policy P] [--rate R] [--duration S] [--retrain-rate F] [--trace NAME|FILE]
+export const LOADTEST_HELP =
+  `mace loadtest [--policy P] [--rate R] [--duration S] [--retrain-rate F] [--trace NAME|FILE]
     [--ttft-slo MS] [--tbt-slo MS] [--profile FILE] [--model DIR] [--backend auto|wgpu|dawn]
     [--seed N] [--max-prompt N] [--max-output N] [--in-process] [--json] [--out FILE]
   Serves Poisson arrivals (lengths drawn from --trace, default sharegpt) with feedback pairs from
@@ -58,15 +59,24 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
     out: { type: "string" },
   }, "loadtest");
   if (!(POLICY_NAMES as readonly string[]).includes(flags.policy!)) {
-    throw new InvalidRequestError(`--policy ${flags.policy}: expected one of ${POLICY_NAMES.join(", ")}`);
+    throw new InvalidRequestError(
+      `--policy ${flags.policy}: expected one of ${POLICY_NAMES.join(", ")}`,
+    );
   }
   const backend = flags.backend as "auto" | "wgpu" | "dawn";
-  if (!["auto", "wgpu", "dawn"].includes(backend)) throw new InvalidRequestError(`--backend ${backend}: expected auto, wgpu or dawn`);
+  if (!["auto", "wgpu", "dawn"].includes(backend)) {
+    throw new InvalidRequestError(`--backend ${backend}: expected auto, wgpu or dawn`);
+  }
   const positive = (n: number) => n > 0;
   const posInt = (n: number) => Number.isInteger(n) && n >= 1;
   const rate = numberFlag(flags.rate, "rate", 1, positive);
   const durationS = numberFlag(flags.duration, "duration", 60, positive);
-  const retrainRate = numberFlag(flags["retrain-rate"], "retrain-rate", 0.3, (n) => n >= 0 && n <= 1);
+  const retrainRate = numberFlag(
+    flags["retrain-rate"],
+    "retrain-rate",
+    0.3,
+    (n) => n >= 0 && n <= 1,
+  );
   const ttftSloMs = numberFlag(flags["ttft-slo"], "ttft-slo", 2000, positive);
   const tbtSloMs = numberFlag(flags["tbt-slo"], "tbt-slo", 250, positive);
   const seed = numberFlag(flags.seed, "seed", 1, Number.isSafeInteger);
@@ -85,8 +95,17 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
     maxPromptTokens,
     maxOutputTokens,
   });
-  const options = { model: flags.model, backend, policy: flags.policy, profile: flags.profile, ttftSloMs, tbtSloMs };
-  log(`loadtest: ${workload.length} requests over ${durationS} s (${rate} req/s), ${flags.policy}, starting the engine`);
+  const options = {
+    model: flags.model,
+    backend,
+    policy: flags.policy,
+    profile: flags.profile,
+    ttftSloMs,
+    tbtSloMs,
+  };
+  log(
+    `loadtest: ${workload.length} requests over ${durationS} s (${rate} req/s), ${flags.policy}, starting the engine`,
+  );
   let engine: Engine;
   let stop: () => Promise<void>;
   if (flags["in-process"]) {
@@ -125,7 +144,11 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
   });
   const errors = Object.fromEntries(COMPARED.map(([name, get]) => {
     const l = get(live.metrics.summary), s = get(sim.summary);
-    return [name, { live: l, simulated: s, relativeError: l === null || s === null || l === 0 ? null : (s - l) / l }];
+    return [name, {
+      live: l,
+      simulated: s,
+      relativeError: l === null || s === null || l === 0 ? null : (s - l) / l,
+    }];
   }));
   const report = {
     schema: "mace.loadtest.v1",
@@ -137,8 +160,16 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
     requests: workload.length,
     feedbackPairs: live.feedback,
     profile: flags.profile,
-    live: { summary: live.metrics.summary, prediction: live.metrics.prediction, optimizerSteps: live.metrics.optimizerSteps },
-    simulated: { summary: sim.summary, prediction: sim.prediction, optimizerSteps: sim.optimizerSteps },
+    live: {
+      summary: live.metrics.summary,
+      prediction: live.metrics.prediction,
+      optimizerSteps: live.metrics.optimizerSteps,
+    },
+    simulated: {
+      summary: sim.summary,
+      prediction: sim.prediction,
+      optimizerSteps: sim.optimizerSteps,
+    },
     comparison: errors,
   };
   const out = flags.out ?? `bench/results/loadtest-${flags.policy}.json`;
@@ -148,7 +179,12 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
     console.log(JSON.stringify(report, null, 2));
     return;
   }
-  console.log(formatSummaryTable([{ name: "live", summary: live.metrics.summary }, { name: "simulated", summary: sim.summary }]));
+  console.log(
+    formatSummaryTable([{ name: "live", summary: live.metrics.summary }, {
+      name: "simulated",
+      summary: sim.summary,
+    }]),
+  );
   console.log("metric              live        simulated   sim error");
   for (const [name, e] of Object.entries(errors)) {
     const f = (v: number | null) => (v === null ? "-" : v.toPrecision(4)).padStart(10);
@@ -158,7 +194,9 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
   const p = live.metrics.prediction;
   console.log(
     `live cost model: ${p.steps} iterations, mean |error| ${p.meanAbsErrorMs?.toFixed(2)} ms ` +
-      `(${((p.meanAbsPercentError ?? 0) * 100).toFixed(1)}%), bias ${((p.totalBias ?? 0) * 100).toFixed(1)}%`,
+      `(${((p.meanAbsPercentError ?? 0) * 100).toFixed(1)}%), bias ${
+        ((p.totalBias ?? 0) * 100).toFixed(1)
+      }%`,
   );
   console.log(`wrote ${out}`);
 }

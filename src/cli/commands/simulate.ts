@@ -1,13 +1,28 @@
 /** `mace simulate`: run scheduling policies against a trace and a cost profile, print the metrics. */
 import { InvalidRequestError } from "../../engine/errors.ts";
 import { numberFlag, parseFlags } from "../args.ts";
-import { ABLATIONS, POLICY_NAMES, policyOptions, type PolicyOptions } from "../../scheduler/mace/policy.ts";
+import {
+  ABLATIONS,
+  POLICY_NAMES,
+  type PolicyOptions,
+  policyOptions,
+} from "../../scheduler/mace/policy.ts";
 import { simulate, type SimulationResult } from "../../scheduler/sim/simulator.ts";
-import { type Arrival, loadTrace, poissonWorkload, traceWorkload } from "../../scheduler/sim/workload.ts";
-import { formatSummaryMarkdown, formatSummaryTable, type MetricsSummary } from "../../scheduler/metrics.ts";
+import {
+  type Arrival,
+  loadTrace,
+  poissonWorkload,
+  traceWorkload,
+} from "../../scheduler/sim/workload.ts";
+import {
+  formatSummaryMarkdown,
+  formatSummaryTable,
+  type MetricsSummary,
+} from "../../scheduler/metrics.ts";
 import { DEFAULT_PROFILE, loadProfile } from "../../scheduler/profiles.ts";
 
-export const SIMULATE_HELP = `mace simulate --policy P[,P...]|all [--trace NAME|FILE] [--rate R] [--poisson]
+export const SIMULATE_HELP =
+  `mace simulate --policy P[,P...]|all [--trace NAME|FILE] [--rate R] [--poisson]
     [--retrain-rate F[,F...]] [--ttft-slo MS] [--tbt-slo MS] [--duration S] [--start S]
     [--profile FILE] [--seed N] [--kv-budget N] [--period S] [--delta-ft MS] [--pairs-per-step N]
     [--max-prompt N] [--max-output N] [--noise X] [--offline-cost] [--json] [--markdown]
@@ -56,7 +71,9 @@ export async function simulateCommand(argv: string[]): Promise<void> {
     json: { type: "boolean", default: false },
     markdown: { type: "boolean", default: false },
   }, "simulate");
-  if (flags.policy === undefined) throw new InvalidRequestError("simulate: --policy is required (or --policy all)");
+  if (flags.policy === undefined) {
+    throw new InvalidRequestError("simulate: --policy is required (or --policy all)");
+  }
   const variants = parseVariants(flags.policy);
   const positive = (n: number) => n > 0;
   const profile = await loadProfile(flags.profile!);
@@ -65,29 +82,50 @@ export async function simulateCommand(argv: string[]): Promise<void> {
   );
   const durationS = numberFlag(flags.duration, "duration", 300, positive);
   const seed = numberFlag(flags.seed, "seed", 1, Number.isSafeInteger);
-  const maxOutputTokens = numberFlag(flags["max-output"], "max-output", 128, (n) => Number.isInteger(n) && n >= 1);
+  const maxOutputTokens = numberFlag(
+    flags["max-output"],
+    "max-output",
+    128,
+    (n) => Number.isInteger(n) && n >= 1,
+  );
   const maxPromptTokens = numberFlag(
     flags["max-prompt"],
     "max-prompt",
     profile.maxContext - maxOutputTokens,
     (n) => Number.isInteger(n) && n >= 1 && n + maxOutputTokens <= profile.maxContext,
   );
-  const kvBudget = numberFlag(flags["kv-budget"], "kv-budget", 0, (n) => Number.isInteger(n) && n >= 0);
+  const kvBudget = numberFlag(
+    flags["kv-budget"],
+    "kv-budget",
+    0,
+    (n) => Number.isInteger(n) && n >= 0,
+  );
   const common: Partial<PolicyOptions> = {
     ttftSloMs: numberFlag(flags["ttft-slo"], "ttft-slo", 2000, positive),
     tbtSloMs: numberFlag(flags["tbt-slo"], "tbt-slo", 250, positive),
     periodMs: 1000 * numberFlag(flags.period, "period", 60, positive),
     deltaFtMs: numberFlag(flags["delta-ft"], "delta-ft", 500, positive),
-    pairsPerStep: numberFlag(flags["pairs-per-step"], "pairs-per-step", 4, (n) => Number.isInteger(n) && n >= 1),
+    pairsPerStep: numberFlag(
+      flags["pairs-per-step"],
+      "pairs-per-step",
+      4,
+      (n) => Number.isInteger(n) && n >= 1,
+    ),
   };
   const trace = await loadTrace(flags.trace!);
   const rate = flags.rate === undefined ? undefined : numberFlag(flags.rate, "rate", 1, positive);
   const workloadFor = (retrainRate: number): Arrival[] => {
     const o = { durationS, retrainRate, seed, maxPromptTokens, maxOutputTokens };
     if (trace.kind === "timed" && !flags.poisson) {
-      return traceWorkload(trace.rows, { ...o, rate, startS: numberFlag(flags.start, "start", 0, (n) => n >= 0) });
+      return traceWorkload(trace.rows, {
+        ...o,
+        rate,
+        startS: numberFlag(flags.start, "start", 0, (n) => n >= 0),
+      });
     }
-    if (rate === undefined) throw new InvalidRequestError("simulate: Poisson arrivals need --rate R");
+    if (rate === undefined) {
+      throw new InvalidRequestError("simulate: Poisson arrivals need --rate R");
+    }
     return poissonWorkload({ ...o, rate, lengths: trace.rows });
   };
   const rows: Row[] = [];
@@ -106,33 +144,43 @@ export async function simulateCommand(argv: string[]): Promise<void> {
         workload,
         seed,
         durationMs: durationS * 1000,
-        noise: flags.noise === undefined ? undefined : numberFlag(flags.noise, "noise", 0, (n) => n >= 0),
+        noise: flags.noise === undefined
+          ? undefined
+          : numberFlag(flags.noise, "noise", 0, (n) => n >= 0),
         online: !flags["offline-cost"],
       });
       rows.push({ name: v.name, retrainRate, summary, result });
     }
   }
   if (flags.json) {
-    console.log(JSON.stringify({
-      schema: "mace.simulation.v1",
-      profile: { path: flags.profile, device: profile.device, model: profile.model },
-      trace: flags.trace,
-      rate: rate ?? null,
-      durationS,
-      seed,
-      rows,
-    }, null, 2));
+    console.log(JSON.stringify(
+      {
+        schema: "mace.simulation.v1",
+        profile: { path: flags.profile, device: profile.device, model: profile.model },
+        trace: flags.trace,
+        rate: rate ?? null,
+        durationS,
+        seed,
+        rows,
+      },
+      null,
+      2,
+    ));
     return;
   }
   for (const retrainRate of retrainRates) {
     const table = rows.filter((r) => r.retrainRate === retrainRate);
-    const title = `retrain rate ${Math.round(retrainRate * 100)}% · ${flags.trace} · ${profile.model} on ${profile.device}`;
+    const title = `retrain rate ${
+      Math.round(retrainRate * 100)
+    }% · ${flags.trace} · ${profile.model} on ${profile.device}`;
     if (flags.markdown) console.log(`\n**${title}**\n\n${formatSummaryMarkdown(table)}`);
     else console.log(`\n${title}\n${formatSummaryTable(table)}`);
   }
 }
 
-function parseVariants(list: string): { name: string; policy: typeof POLICY_NAMES[number]; overrides: Partial<PolicyOptions> }[] {
+function parseVariants(
+  list: string,
+): { name: string; policy: typeof POLICY_NAMES[number]; overrides: Partial<PolicyOptions> }[] {
   // "all" leaves out the DPO-loss-priority ablation: the simulator models time, not learning, so
   // every pair keeps the fresh-adapter loss and the ablation would equal mace by construction.
   const names = list === "all"
@@ -145,7 +193,9 @@ function parseVariants(list: string): { name: string; policy: typeof POLICY_NAME
     const ablation = ABLATIONS[name];
     if (!ablation) {
       throw new InvalidRequestError(
-        `--policy ${name}: expected one of ${[...POLICY_NAMES, ...Object.keys(ABLATIONS)].join(", ")} or all`,
+        `--policy ${name}: expected one of ${
+          [...POLICY_NAMES, ...Object.keys(ABLATIONS)].join(", ")
+        } or all`,
       );
     }
     return { name, ...ablation };

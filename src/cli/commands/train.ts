@@ -11,11 +11,16 @@ import { LORA_TARGETS, type LoraConfig, type LoraTarget } from "../../engine/lor
 import { readPeftAdapter, writePeftAdapter } from "../../engine/lora/peft.ts";
 import { type PreferenceFormat, readPreferencePairs } from "../../engine/training/preferences.ts";
 import { tokenizePairs } from "../../engine/training/tokenize_pairs.ts";
-import { DpoTrainer, type StepStats, type TrainingPair } from "../../engine/training/dpo_trainer.ts";
+import {
+  DpoTrainer,
+  type StepStats,
+  type TrainingPair,
+} from "../../engine/training/dpo_trainer.ts";
 import { rng, shuffled } from "../../engine/training/seeded_random.ts";
 import type { Tokenizer } from "../../engine/tokenizer/tokenizer.ts";
 
-export const TRAIN_HELP = `mace train --pairs FILE [--model DIR] [--format auto|hh|ultrafeedback|chat|llamafactory]
+export const TRAIN_HELP =
+  `mace train --pairs FILE [--model DIR] [--format auto|hh|ultrafeedback|chat|llamafactory]
     [--steps N] [--batch N] [--lr X] [--beta B] [--rank R] [--alpha A] [--targets q,v,...]
     [--optimizer adamw|sgd] [--weight-decay X] [--max-grad-norm X] [--max-length N]
     [--max-prompt-length N] [--init-adapter DIR] [--out DIR] [--eval-pairs FILE] [--seed S]
@@ -57,7 +62,9 @@ export async function trainCommand(argv: string[]): Promise<void> {
   if (flags.pairs === undefined) throw new InvalidRequestError("train: --pairs FILE is required");
   const format = flags.format as PreferenceFormat;
   if (!["auto", "hh", "ultrafeedback", "chat", "llamafactory"].includes(format)) {
-    throw new InvalidRequestError(`--format ${format}: expected auto, hh, ultrafeedback, chat or llamafactory`);
+    throw new InvalidRequestError(
+      `--format ${format}: expected auto, hh, ultrafeedback, chat or llamafactory`,
+    );
   }
   const optimizer = flags.optimizer as "adamw" | "sgd";
   if (optimizer !== "adamw" && optimizer !== "sgd") {
@@ -72,8 +79,18 @@ export async function trainCommand(argv: string[]): Promise<void> {
   }
   const positiveInt = (n: number) => Number.isInteger(n) && n >= 1;
   const targets = parseTargets(flags.targets!);
-  const maxLength = numberFlag(flags["max-length"], "max-length", 256, (n) => Number.isInteger(n) && n >= 2);
-  const maxPromptLength = numberFlag(flags["max-prompt-length"], "max-prompt-length", Math.min(128, maxLength - 1), positiveInt);
+  const maxLength = numberFlag(
+    flags["max-length"],
+    "max-length",
+    256,
+    (n) => Number.isInteger(n) && n >= 2,
+  );
+  const maxPromptLength = numberFlag(
+    flags["max-prompt-length"],
+    "max-prompt-length",
+    Math.min(128, maxLength - 1),
+    positiveInt,
+  );
   const batch = numberFlag(flags.batch, "batch", 4, positiveInt);
   const seed = numberFlag(flags.seed, "seed", 0, (n) => Number.isInteger(n) && n >= 0);
   const json = flags.json!;
@@ -92,10 +109,14 @@ export async function trainCommand(argv: string[]): Promise<void> {
     dropout: 0,
   };
   const dropout = numberFlag(flags["lora-dropout"], "lora-dropout", 0, (n) => n >= 0 && n < 1);
-  const init = flags["init-adapter"] === undefined ? null : await readPeftAdapter(flags["init-adapter"], source.config);
+  const init = flags["init-adapter"] === undefined
+    ? null
+    : await readPeftAdapter(flags["init-adapter"], source.config);
   if (init) {
     if (flags.rank !== undefined || flags.alpha !== undefined || argv.includes("--targets")) {
-      log("train: --init-adapter given: its rank, alpha and targets are used (--rank/--alpha/--targets ignored)");
+      log(
+        "train: --init-adapter given: its rank, alpha and targets are used (--rank/--alpha/--targets ignored)",
+      );
     }
     lora = { ...init.config };
   }
@@ -116,19 +137,28 @@ export async function trainCommand(argv: string[]): Promise<void> {
     if (init) trainer.load(init, seed);
     else trainer.initialize(seed);
     const steps = numberFlag(flags.steps, "steps", Math.ceil(train.length / batch), positiveInt);
-    const layersPerSlice = numberFlag(flags["layers-per-slice"], "layers-per-slice", source.config.numLayers, positiveInt);
+    const layersPerSlice = numberFlag(
+      flags["layers-per-slice"],
+      "layers-per-slice",
+      source.config.numLayers,
+      positiveInt,
+    );
     const mem = trainer.memory;
     log(
       `train: ${train.length} pairs, ${steps} steps of ${batch}, LoRA r=${lora.rank} alpha=${lora.alpha} ` +
         `on ${lora.targets.join(",")}, ${optimizer}; GPU memory: adapter+optimizer ` +
-        `${(mem.adapterBytes / 2 ** 20).toFixed(2)} MiB, activations ${(mem.activationBytes / 2 ** 20).toFixed(2)} MiB ` +
+        `${(mem.adapterBytes / 2 ** 20).toFixed(2)} MiB, activations ${
+          (mem.activationBytes / 2 ** 20).toFixed(2)
+        } MiB ` +
         `(${ctx.backend}: ${ctx.adapterDescription})`,
     );
     const report = (kind: string, stats: StepStats, extra: Record<string, unknown> = {}) => {
       if (json) console.log(JSON.stringify({ kind, ...statsJson(stats), ...extra }));
       else {
         console.log(
-          `${kind} ${String(stats.step).padStart(4)}  loss ${stats.loss.toFixed(4)}  acc ${stats.rewardAccuracy.toFixed(2)}  ` +
+          `${kind} ${String(stats.step).padStart(4)}  loss ${stats.loss.toFixed(4)}  acc ${
+            stats.rewardAccuracy.toFixed(2)
+          }  ` +
             `margin ${stats.rewardMargin.toFixed(4)}  logp chosen ${stats.chosenLogp.toFixed(2)} ` +
             `rejected ${stats.rejectedLogp.toFixed(2)}` +
             Object.entries(extra).map(([k, v]) => `  ${k} ${v}`).join(""),
@@ -142,9 +172,15 @@ export async function trainCommand(argv: string[]): Promise<void> {
     for (let step = 0; step < steps; step++) {
       const pairs = Array.from({ length: batch }, (_, i) => train[order(step * batch + i)]);
       const stats = await trainer.step(pairs, layersPerSlice);
-      tokens += pairs.reduce((n, p) => n + 2 * p.prompt.length + p.chosen.length + p.rejected.length, 0);
+      tokens += pairs.reduce(
+        (n, p) => n + 2 * p.prompt.length + p.chosen.length + p.rejected.length,
+        0,
+      );
       const seconds = (performance.now() - started) / 1000;
-      report("step", stats, { "pairs/s": (((step + 1) * batch) / seconds).toFixed(2), "tokens/s": (tokens / seconds).toFixed(1) });
+      report("step", stats, {
+        "pairs/s": (((step + 1) * batch) / seconds).toFixed(2),
+        "tokens/s": (tokens / seconds).toFixed(1),
+      });
     }
     if (held.length > 0) report("eval", await trainer.evaluate(held));
     const adapter = await trainer.params.read();
@@ -161,11 +197,15 @@ export function parseTargets(text: string): LoraTarget[] {
   const targets: LoraTarget[] = [];
   for (const name of names) {
     if (!(LORA_TARGETS as readonly string[]).includes(name)) {
-      throw new InvalidRequestError(`--targets: unknown projection "${name}"; expected some of ${LORA_TARGETS.join(",")}`);
+      throw new InvalidRequestError(
+        `--targets: unknown projection "${name}"; expected some of ${LORA_TARGETS.join(",")}`,
+      );
     }
     if (!targets.includes(name as LoraTarget)) targets.push(name as LoraTarget);
   }
-  if (targets.length === 0) throw new InvalidRequestError("--targets: name at least one projection");
+  if (targets.length === 0) {
+    throw new InvalidRequestError("--targets: name at least one projection");
+  }
   return LORA_TARGETS.filter((t) => targets.includes(t));
 }
 
@@ -183,7 +223,9 @@ async function loadPairs(
   const skipped = [...read.skipped, ...tokenized.skipped].sort((a, b) => a.line - b.line);
   for (const s of skipped) log(`${path}:${s.line}: skipped: ${s.reason}`);
   if (tokenized.pairs.length === 0) {
-    throw new InvalidRequestError(`${path}: no usable preference pairs (${skipped.length} skipped)`);
+    throw new InvalidRequestError(
+      `${path}: no usable preference pairs (${skipped.length} skipped)`,
+    );
   }
   log(`${path}: ${tokenized.pairs.length} pairs, ${skipped.length} skipped`);
   return tokenized.pairs;
@@ -194,7 +236,9 @@ function pairOrder(count: number, next: () => number): (i: number) => number {
   const epochs: number[][] = [];
   return (i) => {
     const epoch = Math.floor(i / count);
-    while (epochs.length <= epoch) epochs.push(shuffled(Array.from({ length: count }, (_, j) => j), next));
+    while (epochs.length <= epoch) {
+      epochs.push(shuffled(Array.from({ length: count }, (_, j) => j), next));
+    }
     return epochs[epoch][i % count];
   };
 }

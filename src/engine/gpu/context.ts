@@ -70,7 +70,8 @@ async function dawnAdapter(): Promise<GPUAdapter | null> {
   return await dawnGpu.requestAdapter({ powerPreference: "high-performance" });
 }
 
-const INSTALL_HINT = "On Debian run `bash scripts/setup.sh` as root (installs mesa-vulkan-drivers " +
+const INSTALL_HINT =
+  "On Debian run `bash scripts/setup.sh` as root (installs mesa-vulkan-drivers " +
   "and chromium, which provide the lavapipe and SwiftShader software Vulkan drivers), " +
   "or install your GPU's Vulkan driver.";
 

@@ -37,7 +37,10 @@ export function loraScale(config: LoraConfig): number {
 
 /** [in, out] features of a target projection for this model. */
 export function targetShape(
-  model: Pick<ModelConfig, "hiddenSize" | "intermediateSize" | "numHeads" | "numKvHeads" | "headDim">,
+  model: Pick<
+    ModelConfig,
+    "hiddenSize" | "intermediateSize" | "numHeads" | "numKvHeads" | "headDim"
+  >,
   target: LoraTarget,
 ): { in: number; out: number } {
   const D = model.hiddenSize, I = model.intermediateSize;
@@ -60,6 +63,8 @@ export function targetShape(
 
 /** HF module path of a target inside layer `layer` (PEFT tensor names build on it). */
 export function targetModule(layer: number, target: LoraTarget): string {
-  const proj = `${target === "gate" || target === "up" || target === "down" ? "mlp" : "self_attn"}.${target}_proj`;
+  const proj = `${
+    target === "gate" || target === "up" || target === "down" ? "mlp" : "self_attn"
+  }.${target}_proj`;
   return `model.layers.${layer}.${proj}`;
 }

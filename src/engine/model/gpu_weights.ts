@@ -72,7 +72,11 @@ function allocMatrix(
   const chunks: MatrixChunk[] = [];
   for (let rowStart = 0; rowStart < rows; rowStart += chunkRows) {
     const n = Math.min(chunkRows, rows - rowStart);
-    chunks.push({ buffer: createStorage(ctx, n * perRow, `${label}[${rowStart}]`), rowStart, rows: n });
+    chunks.push({
+      buffer: createStorage(ctx, n * perRow, `${label}[${rowStart}]`),
+      rowStart,
+      rows: n,
+    });
   }
   return { rows, cols, dtype, chunks };
 }
@@ -113,8 +117,13 @@ export async function uploadWeights(
   const lmHead = c.tieWordEmbeddings ? embedding : allocMatrix(ctx, V, D, dtype, "lm_head");
   const finalNorm = vec(D, "norm");
   const destinations = new Map<string, Destination>();
-  const matrixAt = (name: string, matrix: GpuMatrix, rowOffset: number, rows: number, cols: number) =>
-    destinations.set(name, { kind: "matrix", matrix, rowOffset, shape: [rows, cols] });
+  const matrixAt = (
+    name: string,
+    matrix: GpuMatrix,
+    rowOffset: number,
+    rows: number,
+    cols: number,
+  ) => destinations.set(name, { kind: "matrix", matrix, rowOffset, shape: [rows, cols] });
   const vectorAt = (name: string, buffer: GPUBuffer, offset: number, length: number) =>
     destinations.set(name, { kind: "vector", buffer, offset, length });
 

@@ -11,7 +11,14 @@ function hash(v: number): number {
 }
 
 /** Whether element (r, c) of a [*, cols] input survives dropout p under (seed, stream). */
-export function dropoutKeeps(seed: number, stream: number, r: number, c: number, cols: number, p: number): boolean {
+export function dropoutKeeps(
+  seed: number,
+  stream: number,
+  r: number,
+  c: number,
+  cols: number,
+  p: number,
+): boolean {
   const key = hash((seed ^ hash(stream)) >>> 0);
   const u = (hash((key ^ ((r * cols + c) >>> 0)) >>> 0) >>> 8) / 16777216;
   return u >= p;

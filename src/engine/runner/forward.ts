@@ -124,7 +124,11 @@ export function buildForward(inputs: ForwardInputs): Forward {
   const kCaches = Array.from({ length: c.numLayers }, (_, l) => buffer(kvFloats, `k_cache.${l}`));
   const vCaches = Array.from({ length: c.numLayers }, (_, l) => buffer(kvFloats, `v_cache.${l}`));
 
-  const step = (r: Region): BindingResource => ({ buffer: stepBuffer, offset: r.offset, size: r.size });
+  const step = (r: Region): BindingResource => ({
+    buffer: stepBuffer,
+    offset: r.offset,
+    size: r.size,
+  });
   const tokensUniform = uniforms.slot((n) => [["u32", n.tokens]]);
   const seqsUniform = uniforms.slot((n) => [["u32", n.sampledSeqs]]);
   const decodeUniform = uniforms.slot((n) => [["u32", n.decodeTokens]]);
@@ -143,15 +147,21 @@ export function buildForward(inputs: ForwardInputs): Forward {
     sampled,
     tokenIds,
   );
-  add("token_feedback", (pass, n) => feedback.encode(pass, feedbackGroup, n.feedbackTokens), (n) => ({
-    bytes: n.feedbackTokens * 12,
-    flops: 0,
-  }));
+  add(
+    "token_feedback",
+    (pass, n) => feedback.encode(pass, feedbackGroup, n.feedbackTokens),
+    (n) => ({
+      bytes: n.feedbackTokens * 12,
+      flops: 0,
+    }),
+  );
 
   // Embedding: one dispatch per vocabulary chunk.
   const embedding = new Embedding(ctx, { dim: D, weight: dtype });
   for (const chunk of weights.embedding.chunks) {
-    const params = uniforms.slot((n) => [["u32", n.tokens], ["u32", chunk.rowStart], ["u32", chunk.rows]]);
+    const params = uniforms.slot((
+      n,
+    ) => [["u32", n.tokens], ["u32", chunk.rowStart], ["u32", chunk.rows]]);
     const group = embedding.bind(params, tokenIds, chunk.buffer, hidden);
     add("embedding", (pass, n) => embedding.encode(pass, group, n.tokens), (n) => ({
       bytes: n.tokens * D * (4 + wordBytes(dtype)),
@@ -171,11 +181,16 @@ export function buildForward(inputs: ForwardInputs): Forward {
     const params = rows === "tokens" ? tokensUniform : seqsUniform;
     for (const { chunk, matmul: mm, bias: biasSlice } of chunkLinears(ctx, m, bias, accumulate)) {
       const group = mm.bind(params, x, chunk.buffer, biasSlice, y);
-      add(rows === "tokens" ? "matmul" : "lm_head", (pass, n) => mm.encode(pass, group, n[rows]), (n) => ({
-        // The weights are read only when the dispatch has rows to compute.
-        bytes: (n[rows] > 0 ? chunk.rows * m.cols * wordBytes(m.dtype) : 0) + n[rows] * (m.cols + chunk.rows) * 4,
-        flops: 2 * n[rows] * chunk.rows * m.cols,
-      }));
+      add(
+        rows === "tokens" ? "matmul" : "lm_head",
+        (pass, n) => mm.encode(pass, group, n[rows]),
+        (n) => ({
+          // The weights are read only when the dispatch has rows to compute.
+          bytes: (n[rows] > 0 ? chunk.rows * m.cols * wordBytes(m.dtype) : 0) +
+            n[rows] * (m.cols + chunk.rows) * 4,
+          flops: 2 * n[rows] * chunk.rows * m.cols,
+        }),
+      );
     }
   };
 
@@ -197,7 +212,12 @@ export function buildForward(inputs: ForwardInputs): Forward {
     if (!pool || !loraU) return;
     const R = inputs.lora!.maxRank;
     const shrink = new LoraShrink(ctx, { inFeatures: pool.in, rank: R, inStride: xStride });
-    const expand = new LoraExpand(ctx, { outFeatures: pool.out, rank: R, outStride: yStride, outOffset: yOffset });
+    const expand = new LoraExpand(ctx, {
+      outFeatures: pool.out,
+      rank: R,
+      outStride: yStride,
+      outOffset: yOffset,
+    });
     const slots = step(layout.loraSlots);
     const shrinkGroup = shrink.bind(tokensUniform, x, slots, pool.a, loraU);
     const expandGroup = expand.bind(tokensUniform, loraU, slots, pool.b, inputs.lora!.scales, y);
@@ -237,25 +257,60 @@ export function buildForward(inputs: ForwardInputs): Forward {
     adapt(l, "k", normed, D, qkv, qkvCols, H * hd);
     adapt(l, "v", normed, D, qkv, qkvCols, (H + Hkv) * hd);
     const ropeGroup = rope.bind(
-      tokensUniform, qkv, step(layout.positions), step(layout.tokenSeq), step(layout.seqs),
-      step(layout.blockTables), invFreq, q, kCaches[l], vCaches[l],
+      tokensUniform,
+      qkv,
+      step(layout.positions),
+      step(layout.tokenSeq),
+      step(layout.seqs),
+      step(layout.blockTables),
+      invFreq,
+      q,
+      kCaches[l],
+      vCaches[l],
     );
     add("rope_kv_write", (pass, n) => rope.encode(pass, ropeGroup, n.tokens), (n) => ({
       bytes: n.tokens * (qkvCols + (H + 2 * Hkv) * hd) * 4,
       flops: n.tokens * (H + Hkv) * hd * 3,
     }));
     const prefillGroup = prefill.bind(
-      tilesUniform, q, step(layout.slots), step(layout.seqs), step(layout.blockTables),
-      kCaches[l], vCaches[l], step(layout.tiles), attn,
+      tilesUniform,
+      q,
+      step(layout.slots),
+      step(layout.seqs),
+      step(layout.blockTables),
+      kCaches[l],
+      vCaches[l],
+      step(layout.tiles),
+      attn,
     );
     const decodeGroup = decode.bind(
-      decodeUniform, q, step(layout.slots), step(layout.seqs), step(layout.blockTables),
-      kCaches[l], vCaches[l], step(layout.decodeTokens), attn,
+      decodeUniform,
+      q,
+      step(layout.slots),
+      step(layout.seqs),
+      step(layout.blockTables),
+      kCaches[l],
+      vCaches[l],
+      step(layout.decodeTokens),
+      attn,
     );
-    add("attention_prefill", (pass, n) => prefill.encode(pass, prefillGroup, n.tiles), (n) => attentionCost(n, false));
-    add("attention_decode", (pass, n) => decode.encode(pass, decodeGroup, n.decodeTokens), (n) => attentionCost(n, true));
+    add(
+      "attention_prefill",
+      (pass, n) => prefill.encode(pass, prefillGroup, n.tiles),
+      (n) => attentionCost(n, false),
+    );
+    add(
+      "attention_decode",
+      (pass, n) => decode.encode(pass, decodeGroup, n.decodeTokens),
+      (n) => attentionCost(n, true),
+    );
     const massGroup = attentionMass.bind(
-      massUniform, q, step(layout.blockTables), kCaches[l], step(layout.massChunks), mass,
+      massUniform,
+      q,
+      step(layout.blockTables),
+      kCaches[l],
+      step(layout.massChunks),
+      mass,
     );
     // Cost not modelled (step counts do not sum the keys of KV-budget sequences): the per-kernel
     // table leaves it out, and the benchmarks run without KV budgets, where it never dispatches.
@@ -280,7 +335,13 @@ export function buildForward(inputs: ForwardInputs): Forward {
   });
 
   const finalNorm = new FinalNorm(ctx, D, c.rmsNormEps);
-  const finalGroup = finalNorm.bind(seqsUniform, hidden, step(layout.logitRows), weights.finalNorm, last);
+  const finalGroup = finalNorm.bind(
+    seqsUniform,
+    hidden,
+    step(layout.logitRows),
+    weights.finalNorm,
+    last,
+  );
   add("final_norm", (pass, n) => finalNorm.encode(pass, finalGroup, n.sampledSeqs), (n) => ({
     bytes: n.sampledSeqs * 2 * D * 4,
     flops: n.sampledSeqs * 4 * D,

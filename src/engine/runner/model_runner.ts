@@ -13,15 +13,30 @@ import { createStorage, createUniform, packUniform, readF32 } from "../gpu/buffe
 import type { ModelConfig } from "../model/config.ts";
 import type { ModelSource } from "../model/source.ts";
 import { type GpuWeights, uploadWeights, type WeightDtype } from "../model/gpu_weights.ts";
-import { GpuMemoryError, InvalidRequestError, LoraAdapterError, UnknownAdapterError } from "../errors.ts";
+import {
+  GpuMemoryError,
+  InvalidRequestError,
+  LoraAdapterError,
+  UnknownAdapterError,
+} from "../errors.ts";
 import { type BlockCopy, GREEDY, type KvEdit, type StepPlan, type StepResult } from "../step.ts";
 import { KvCompact } from "../kernels/kv_compact.ts";
 import { ReadbackPacer } from "../gpu/readback_pacer.ts";
-import { packStep, type StepCapacity, type StepCounts, stepLayout, type StepLayout } from "./step_data.ts";
+import {
+  packStep,
+  type StepCapacity,
+  type StepCounts,
+  type StepLayout,
+  stepLayout,
+} from "./step_data.ts";
 import { UniformArena } from "./uniform_arena.ts";
 import { buildForward, type Forward } from "./forward.ts";
 import { PREFILL_TILE_Q } from "../kernels/attention.ts";
-import { AdapterPool, type AdapterPoolOptions, DEFAULT_ADAPTER_POOL } from "../lora/adapter_pool.ts";
+import {
+  AdapterPool,
+  type AdapterPoolOptions,
+  DEFAULT_ADAPTER_POOL,
+} from "../lora/adapter_pool.ts";
 import type { LoraWeights } from "../lora/lora.ts";
 
 export interface RunnerOptions {
@@ -129,9 +144,19 @@ export class ModelRunner {
     const layout = stepLayout(capacity);
     const stepBuffer = createStorage(ctx, layout.totalBytes, "step data");
     const uniforms = new UniformArena<StepCounts>(ctx, 64);
-    const lora = options.lora ? new AdapterPool(ctx, config, { ...DEFAULT_ADAPTER_POOL, ...options.lora }) : null;
+    const lora = options.lora
+      ? new AdapterPool(ctx, config, { ...DEFAULT_ADAPTER_POOL, ...options.lora })
+      : null;
     const forward = buildForward({
-      ctx, config, capacity, weights, kvBlocks, layout, stepBuffer, uniforms, lora,
+      ctx,
+      config,
+      capacity,
+      weights,
+      kvBlocks,
+      layout,
+      stepBuffer,
+      uniforms,
+      lora,
     });
     const kvBytes = 2 * config.numLayers * kvBlocks * kvBytesPerBlock;
     const memory: MemoryReport = {
@@ -144,7 +169,17 @@ export class ModelRunner {
       loraBytes: lora?.bytes ?? 0,
     };
     return new ModelRunner(
-      ctx, config, capacity, weights, kvBlocks, layout, stepBuffer, uniforms, forward, memory, lora,
+      ctx,
+      config,
+      capacity,
+      weights,
+      kvBlocks,
+      layout,
+      stepBuffer,
+      uniforms,
+      forward,
+      memory,
+      lora,
     );
   }
 
@@ -159,7 +194,9 @@ export class ModelRunner {
       );
     }
     if (this.adapterSlots.has(id)) {
-      throw new LoraAdapterError(`adapter "${id}" is already loaded; unload it first or use another id`);
+      throw new LoraAdapterError(
+        `adapter "${id}" is already loaded; unload it first or use another id`,
+      );
     }
     this.adapterSlots.set(id, this.adapterPool.load(weights));
   }
@@ -190,15 +227,28 @@ export class ModelRunner {
    */
   execute(plan: StepPlan): Promise<StepResult> {
     const { counts, sampleOrder, newMassSlots } = packStep(
-      plan, this.capacity, this.layout, this.config.vocabSize, this.stepBytes, this.previousSampleRows,
+      plan,
+      this.capacity,
+      this.layout,
+      this.config.vocabSize,
+      this.stepBytes,
+      this.previousSampleRows,
       this.adapterSlots,
     );
-    this.previousSampleRows = new Map(sampleOrder.map((planIndex, row) => [plan.sequences[planIndex].seqId, row]));
+    this.previousSampleRows = new Map(
+      sampleOrder.map((planIndex, row) => [plan.sequences[planIndex].seqId, row]),
+    );
     const device = this.ctx.device;
     // Queue writes are ordered with submits: steps still running keep their own data.
     device.queue.writeBuffer(this.stepBuffer, 0, this.stepBytes);
     const ids = this.layout.tokenIds;
-    device.queue.writeBuffer(this.forward.tokenIds, 0, this.stepBytes, ids.offset, Math.max(4, counts.tokens * 4));
+    device.queue.writeBuffer(
+      this.forward.tokenIds,
+      0,
+      this.stepBytes,
+      ids.offset,
+      Math.max(4, counts.tokens * 4),
+    );
     this.uniforms.write(counts);
     this.lastCounts = counts;
     const encoder = device.createCommandEncoder();
@@ -262,14 +312,18 @@ export class ModelRunner {
     const slots = this.kvBlocks * this.capacity.blockSize;
     for (const [src, dst] of moves) {
       if (![src, dst].every((x) => Number.isInteger(x) && x >= 0 && x < slots)) {
-        throw new InvalidRequestError(`KV move ${src} -> ${dst}: slot outside the pool of ${slots}`);
+        throw new InvalidRequestError(
+          `KV move ${src} -> ${dst}: slot outside the pool of ${slots}`,
+        );
       }
     }
     if (moves.length > 0) {
       this.compactor ??= this.createCompactor();
       const { kernel, params, movesBuffer } = this.compactor;
       if (moves.length > kernel.maxMoves) {
-        throw new InvalidRequestError(`KV edit of ${moves.length} moves; at most ${kernel.maxMoves}`);
+        throw new InvalidRequestError(
+          `KV edit of ${moves.length} moves; at most ${kernel.maxMoves}`,
+        );
       }
       this.ctx.device.queue.writeBuffer(params, 0, packUniform([["u32", moves.length]]));
       this.ctx.device.queue.writeBuffer(movesBuffer, 0, Uint32Array.from(moves.flat()));
@@ -287,7 +341,9 @@ export class ModelRunner {
     const { blockSize, maxBlocksPerSeq } = this.capacity;
     const maxMoves = maxBlocksPerSeq * blockSize;
     const kernel = new KvCompact(this.ctx, {
-      numKvHeads: this.config.numKvHeads, headDim: this.config.headDim, blockSize,
+      numKvHeads: this.config.numKvHeads,
+      headDim: this.config.headDim,
+      blockSize,
     }, { maxMoves });
     const params = createUniform(this.ctx, packUniform([["u32", 0]]), "kv_compact params");
     const movesBuffer = createStorage(this.ctx, maxMoves * 8, "kv_compact moves");
@@ -306,7 +362,12 @@ export class ModelRunner {
    */
   async warmUp(): Promise<void> {
     const work = (tokens: number[], startPosition: number) => ({
-      seqId: -1, tokens, startPosition, blockTable: [0], sample: true, sampling: GREEDY,
+      seqId: -1,
+      tokens,
+      startPosition,
+      blockTable: [0],
+      sample: true,
+      sampling: GREEDY,
     });
     await this.execute({ sequences: [work([0, 0].slice(0, this.capacity.maxTokens), 0)] });
     await this.execute({ sequences: [work([0], 1)] });

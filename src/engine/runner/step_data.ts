@@ -6,7 +6,11 @@
  */
 import { FEEDBACK_TOKEN, type StepPlan } from "../step.ts";
 import { planAttention } from "../kernels/attention.ts";
-import { packSamplingParams, SAMPLING_PARAMS_BYTES, type SamplingOptions } from "../kernels/sample.ts";
+import {
+  packSamplingParams,
+  SAMPLING_PARAMS_BYTES,
+  type SamplingOptions,
+} from "../kernels/sample.ts";
 import { InvalidRequestError, UnknownAdapterError } from "../errors.ts";
 import { NO_ADAPTER_SLOT } from "../kernels/lora.ts";
 
@@ -153,7 +157,9 @@ export function packStep(
     let slot = NO_ADAPTER_SLOT;
     if (seq.adapterId !== undefined) {
       const found = adapterSlots.get(seq.adapterId);
-      if (found === undefined) throw new UnknownAdapterError(seq.adapterId, [...adapterSlots.keys()]);
+      if (found === undefined) {
+        throw new UnknownAdapterError(seq.adapterId, [...adapterSlots.keys()]);
+      }
       slot = found;
       loraTokens += n;
     }
@@ -173,7 +179,9 @@ export function packStep(
         feedback.set([row, t + i], 2 * feedbackTokens++);
         tokenIds[t + i] = 0;
       } else if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
-        throw new InvalidRequestError(`sequence ${seq.seqId}: token id ${id} outside [0, ${vocabSize})`);
+        throw new InvalidRequestError(
+          `sequence ${seq.seqId}: token id ${id} outside [0, ${vocabSize})`,
+        );
       }
       tokenIds[t + i] = id;
       positions[t + i] = seq.startPosition + i;
@@ -184,7 +192,9 @@ export function packStep(
     if (seq.trackMass) {
       massChunks.set([t, n, tableOffset, startSlot + 1], 4 * numMassChunks++);
       for (let j = startSlot; j < contextLen; j++) {
-        newMassSlots.push(seq.blockTable[Math.floor(j / cap.blockSize)] * cap.blockSize + (j % cap.blockSize));
+        newMassSlots.push(
+          seq.blockTable[Math.floor(j / cap.blockSize)] * cap.blockSize + (j % cap.blockSize),
+        );
       }
     }
     if (n === 1) decodeAttended += contextLen;
@@ -198,7 +208,9 @@ export function packStep(
     }
     t += n;
   });
-  new Uint8Array(out, layout.sampling.offset, layout.sampling.size).set(packSamplingParams(samplingRows));
+  new Uint8Array(out, layout.sampling.offset, layout.sampling.size).set(
+    packSamplingParams(samplingRows),
+  );
   const attention = planAttention(chunks);
   decodeTokens.set(attention.decodeTokens);
   tiles.set(attention.tiles);

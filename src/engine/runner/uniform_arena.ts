@@ -25,7 +25,9 @@ export class UniformArena<Counts> {
   }
 
   /** Reserves a slot whose contents `fields(counts)` computes each step. */
-  slot(fields: (counts: Counts) => UniformFields): { buffer: GPUBuffer; offset: number; size: number } {
+  slot(
+    fields: (counts: Counts) => UniformFields,
+  ): { buffer: GPUBuffer; offset: number; size: number } {
     if (this.slots.length === this.capacity) {
       throw new Error(`UniformArena: more than ${this.capacity} uniform slots`);
     }
@@ -35,8 +37,16 @@ export class UniformArena<Counts> {
 
   /** Writes only the slots in use, in one writeBuffer. */
   write(counts: Counts): void {
-    this.slots.forEach((fields, i) => this.staging.set(packUniform(fields(counts)), i * SLOT_BYTES));
-    this.ctx.device.queue.writeBuffer(this.buffer, 0, this.staging, 0, this.slots.length * SLOT_BYTES);
+    this.slots.forEach((fields, i) =>
+      this.staging.set(packUniform(fields(counts)), i * SLOT_BYTES)
+    );
+    this.ctx.device.queue.writeBuffer(
+      this.buffer,
+      0,
+      this.staging,
+      0,
+      this.slots.length * SLOT_BYTES,
+    );
   }
 
   destroy(): void {

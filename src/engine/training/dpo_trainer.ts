@@ -125,8 +125,12 @@ export class DpoTrainer {
     this.options = { ...DEFAULT_DPO_OPTIONS, ...options };
     const o = this.options;
     if (!(o.beta > 0)) throw new InvalidRequestError(`beta must be > 0, got ${o.beta}`);
-    if (!(o.learningRate >= 0)) throw new InvalidRequestError(`learning rate must be >= 0, got ${o.learningRate}`);
-    if (!(o.maxGradNorm >= 0)) throw new InvalidRequestError(`max grad norm must be >= 0 (0 = off), got ${o.maxGradNorm}`);
+    if (!(o.learningRate >= 0)) {
+      throw new InvalidRequestError(`learning rate must be >= 0, got ${o.learningRate}`);
+    }
+    if (!(o.maxGradNorm >= 0)) {
+      throw new InvalidRequestError(`max grad norm must be >= 0 (0 = off), got ${o.maxGradNorm}`);
+    }
     if (!(Number.isInteger(o.maxLength) && o.maxLength >= 2)) {
       throw new InvalidRequestError(`max length must be an integer >= 2, got ${o.maxLength}`);
     }
@@ -138,7 +142,11 @@ export class DpoTrainer {
       return b;
     };
     const uniform = (label: string) => {
-      const b = ctx.device.createBuffer({ size: 64, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST, label });
+      const b = ctx.device.createBuffer({
+        size: 64,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+        label,
+      });
       this.#owned.push(b);
       return b;
     };
@@ -147,7 +155,10 @@ export class DpoTrainer {
     this.#respLogp = storage(2 * o.maxLength, "dpo.response_logp");
     const tensors = this.params.tensors();
     this.#partials = storage(tensors.length, "dpo.grad_partials");
-    this.#lossParams = Array.from({ length: o.maxPairsPerStep }, (_, j) => uniform(`dpo.loss.${j}`));
+    this.#lossParams = Array.from(
+      { length: o.maxPairsPerStep },
+      (_, j) => uniform(`dpo.loss.${j}`),
+    );
     this.#normParams = tensors.map((t, i) => {
       const b = uniform(`grad_norm.${t.name}`);
       ctx.device.queue.writeBuffer(b, 0, packUniform([["u32", t.count], ["u32", i]]));
@@ -188,13 +199,19 @@ export class DpoTrainer {
    */
   planStep(pairs: TrainingPair[], layersPerSlice = this.model.numLayers): TrainingSlice[] {
     this.#begin(pairs);
-    return planDpoSlices(pairs.map((p) => this.#refCache.has(pairKey(p))), this.model.numLayers, layersPerSlice);
+    return planDpoSlices(
+      pairs.map((p) => this.#refCache.has(pairKey(p))),
+      this.model.numLayers,
+      layersPerSlice,
+    );
   }
 
   #begin(pairs: TrainingPair[]) {
     const o = this.options;
     if (pairs.length === 0 || pairs.length > o.maxPairsPerStep) {
-      throw new InvalidRequestError(`a step takes 1..${o.maxPairsPerStep} pairs, got ${pairs.length}`);
+      throw new InvalidRequestError(
+        `a step takes 1..${o.maxPairsPerStep} pairs, got ${pairs.length}`,
+      );
     }
     pairs.forEach((p, j) => {
       for (const [name, response] of [["chosen", p.chosen], ["rejected", p.rejected]] as const) {
@@ -240,11 +257,17 @@ export class DpoTrainer {
         break;
       case "backward": {
         if (this.#forwarded !== slice.pair) {
-          throw new Error(`backward slice of pair ${slice.pair} without its forward slice just before`);
+          throw new Error(
+            `backward slice of pair ${slice.pair} without its forward slice just before`,
+          );
         }
         for (const slot of [0, 1] as const) {
-          if (slice.fromLayer === this.model.numLayers) this.graph.encodeHeadBackward(encoder, slot, this.#lossOut);
-          for (let l = slice.fromLayer - 1; l >= slice.toLayer; l--) this.graph.encodeLayerBackward(encoder, l, slot);
+          if (slice.fromLayer === this.model.numLayers) {
+            this.graph.encodeHeadBackward(encoder, slot, this.#lossOut);
+          }
+          for (let l = slice.fromLayer - 1; l >= slice.toLayer; l--) {
+            this.graph.encodeLayerBackward(encoder, l, slot);
+          }
         }
         break;
       }
@@ -263,17 +286,34 @@ export class DpoTrainer {
     const seed = (slot: number) =>
       (Math.imul(this.#dropoutSeed, 0x9e3779b1) + Math.imul(this.stepCount + 1, 0x85ebca6b) +
         Math.imul(j + 1, 0xc2b2ae35) + slot) >>> 0;
-    this.graph.load(0, [...pair.prompt, ...pair.chosen], pair.prompt.length, j * PAIR_STRIDE + 1, seed(0));
-    this.graph.load(1, [...pair.prompt, ...pair.rejected], pair.prompt.length, j * PAIR_STRIDE + 2, seed(1));
+    this.graph.load(
+      0,
+      [...pair.prompt, ...pair.chosen],
+      pair.prompt.length,
+      j * PAIR_STRIDE + 1,
+      seed(0),
+    );
+    this.graph.load(
+      1,
+      [...pair.prompt, ...pair.rejected],
+      pair.prompt.length,
+      j * PAIR_STRIDE + 2,
+      seed(1),
+    );
   }
 
   /**
    * A forward or reference slice continues the sequences in the graph's slots: one starting past
    * layer 0 must follow the slice of the same kind and pair that ended at its first layer.
    */
-  #advance(slice: { kind: "reference" | "forward"; pair: number; fromLayer: number; toLayer: number }) {
+  #advance(
+    slice: { kind: "reference" | "forward"; pair: number; fromLayer: number; toLayer: number },
+  ) {
     const at = this.#forwardAt;
-    if (slice.fromLayer > 0 && (at?.kind !== slice.kind || at.pair !== slice.pair || at.layer !== slice.fromLayer)) {
+    if (
+      slice.fromLayer > 0 &&
+      (at?.kind !== slice.kind || at.pair !== slice.pair || at.layer !== slice.fromLayer)
+    ) {
       throw new Error(
         `${slice.kind} slice of pair ${slice.pair} from layer ${slice.fromLayer} without the slice before it`,
       );
@@ -297,7 +337,12 @@ export class DpoTrainer {
       const ref = this.#refCache.get(pairKey(pair));
       if (!ref) throw new Error(`forward slice of pair ${j} before its reference slices`);
       this.#loadPair(pair, j);
-      writeBuffer(this.#ctx, this.#refSums, j * PAIR_STRIDE * 4, new Float32Array([ref.chosen, ref.rejected]));
+      writeBuffer(
+        this.#ctx,
+        this.#refSums,
+        j * PAIR_STRIDE * 4,
+        new Float32Array([ref.chosen, ref.rejected]),
+      );
     }
     this.graph.encodeForward(encoder, 0, true, training, fromLayer, toLayer);
     this.graph.encodeForward(encoder, 1, true, training, fromLayer, toLayer);
@@ -308,12 +353,27 @@ export class DpoTrainer {
     const [chosen, rejected] = this.graph.slots;
     const rc = chosen.length - chosen.promptLength, rr = rejected.length - rejected.promptLength;
     // The response rows' log-probs, packed: chosen [0, rc), rejected [rc, rc + rr).
-    encoder.copyBufferToBuffer(chosen.logp, (chosen.promptLength - 1) * 4, this.#respLogp, 0, rc * 4);
-    encoder.copyBufferToBuffer(rejected.logp, (rejected.promptLength - 1) * 4, this.#respLogp, rc * 4, rr * 4);
+    encoder.copyBufferToBuffer(
+      chosen.logp,
+      (chosen.promptLength - 1) * 4,
+      this.#respLogp,
+      0,
+      rc * 4,
+    );
+    encoder.copyBufferToBuffer(
+      rejected.logp,
+      (rejected.promptLength - 1) * 4,
+      this.#respLogp,
+      rc * 4,
+      rr * 4,
+    );
     this.#ctx.device.queue.writeBuffer(
       this.#lossParams[j],
       0,
-      packUniform([["u32", rc], ["u32", rr], ["f32", this.options.beta], ["f32", 1 / this.#pairs.length]]),
+      packUniform([["u32", rc], ["u32", rr], ["f32", this.options.beta], [
+        "f32",
+        1 / this.#pairs.length,
+      ]]),
     );
     const pass = encoder.beginComputePass();
     const stride = PAIR_STRIDE * 4;
@@ -337,27 +397,39 @@ export class DpoTrainer {
     tensors.forEach((t, i) => {
       const params = this.#optParams[i];
       if (o.optimizer === "adamw") {
-        this.#ctx.device.queue.writeBuffer(params, 0, adamwParams({
-          count: t.count,
-          step: this.stepCount,
-          numPartials: tensors.length,
-          lr: o.learningRate,
-          beta1: o.adamBetas[0],
-          beta2: o.adamBetas[1],
-          eps: o.adamEps,
-          weightDecay: o.weightDecay,
-          gradScale: 1,
-          maxGradNorm: o.maxGradNorm,
-        }));
-        this.#adamw.encode(pass, this.#adamw.bind(params, this.#partials, t.grad, t.value, t.m, t.v), t.count);
+        this.#ctx.device.queue.writeBuffer(
+          params,
+          0,
+          adamwParams({
+            count: t.count,
+            step: this.stepCount,
+            numPartials: tensors.length,
+            lr: o.learningRate,
+            beta1: o.adamBetas[0],
+            beta2: o.adamBetas[1],
+            eps: o.adamEps,
+            weightDecay: o.weightDecay,
+            gradScale: 1,
+            maxGradNorm: o.maxGradNorm,
+          }),
+        );
+        this.#adamw.encode(
+          pass,
+          this.#adamw.bind(params, this.#partials, t.grad, t.value, t.m, t.v),
+          t.count,
+        );
       } else {
-        this.#ctx.device.queue.writeBuffer(params, 0, sgdParams({
-          count: t.count,
-          numPartials: tensors.length,
-          lr: o.learningRate,
-          gradScale: 1,
-          maxGradNorm: o.maxGradNorm,
-        }));
+        this.#ctx.device.queue.writeBuffer(
+          params,
+          0,
+          sgdParams({
+            count: t.count,
+            numPartials: tensors.length,
+            lr: o.learningRate,
+            gradScale: 1,
+            maxGradNorm: o.maxGradNorm,
+          }),
+        );
         this.#sgd.encode(pass, this.#sgd.bind(params, this.#partials, t.grad, t.value), t.count);
       }
     });
@@ -370,7 +442,9 @@ export class DpoTrainer {
    * accumulated gradient can be read (tests compare it with the CPU reference).
    */
   async accumulateGradients(pairs: TrainingPair[]): Promise<PairStats[]> {
-    for (const slice of this.planStep(pairs)) if (slice.kind !== "optimizer") await this.runSlice(slice);
+    for (const slice of this.planStep(pairs)) {
+      if (slice.kind !== "optimizer") await this.runSlice(slice);
+    }
     return await this.#readPairStats(pairs.length);
   }
 
@@ -419,7 +493,12 @@ export class DpoTrainer {
       this.#begin(batch);
       for (let j = 0; j < batch.length; j++) {
         if (!this.#refCache.has(pairKey(batch[j]))) {
-          await this.runSlice({ kind: "reference", pair: j, fromLayer: 0, toLayer: this.model.numLayers });
+          await this.runSlice({
+            kind: "reference",
+            pair: j,
+            fromLayer: 0,
+            toLayer: this.model.numLayers,
+          });
         }
         const encoder = this.#ctx.device.createCommandEncoder({ label: "dpo.evaluate" });
         this.#encodeForwardAndLoss(encoder, j, false);
@@ -443,7 +522,8 @@ function pairKey(p: TrainingPair): string {
 }
 
 function summarize(step: number, perPair: PairStats[]): StepStats {
-  const mean = (f: (p: PairStats) => number) => perPair.reduce((s, p) => s + f(p), 0) / perPair.length;
+  const mean = (f: (p: PairStats) => number) =>
+    perPair.reduce((s, p) => s + f(p), 0) / perPair.length;
   return {
     step,
     pairs: perPair.length,

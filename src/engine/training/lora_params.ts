@@ -55,7 +55,9 @@ export class LoraParams {
       throw new InvalidRequestError(`LoRA rank must be a positive integer, got ${config.rank}`);
     }
     if (config.targets.length === 0) {
-      throw new InvalidRequestError("LoRA needs at least one target projection (q, k, v, o, gate, up, down)");
+      throw new InvalidRequestError(
+        "LoRA needs at least one target projection (q, k, v, o, gate, up, down)",
+      );
     }
     this.scale = loraScale(config);
     const tensor = (name: string, count: number): ParamTensor => ({
@@ -128,7 +130,9 @@ export class LoraParams {
     for (const p of this.projections) {
       const pair = weights.layers[p.layer][p.target];
       if (!pair) {
-        throw new InvalidRequestError(`adapter lacks layer ${p.layer} ${p.target}_proj, which the trainer targets`);
+        throw new InvalidRequestError(
+          `adapter lacks layer ${p.layer} ${p.target}_proj, which the trainer targets`,
+        );
       }
       if (pair.a.length !== p.a.count || pair.b.length !== p.b.count) {
         throw new InvalidRequestError(

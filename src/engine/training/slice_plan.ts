@@ -36,10 +36,14 @@ export function planDpoSlices(
   const slices: TrainingSlice[] = [];
   referenceCached.forEach((cached, j) => {
     if (cached) return;
-    for (const [fromLayer, toLayer] of up) slices.push({ kind: "reference", pair: j, fromLayer, toLayer });
+    for (const [fromLayer, toLayer] of up) {
+      slices.push({ kind: "reference", pair: j, fromLayer, toLayer });
+    }
   });
   referenceCached.forEach((_, j) => {
-    for (const [fromLayer, toLayer] of up) slices.push({ kind: "forward", pair: j, fromLayer, toLayer });
+    for (const [fromLayer, toLayer] of up) {
+      slices.push({ kind: "forward", pair: j, fromLayer, toLayer });
+    }
     for (let hi = numLayers; hi > 0; hi -= per) {
       slices.push({ kind: "backward", pair: j, fromLayer: hi, toLayer: Math.max(0, hi - per) });
     }

@@ -173,7 +173,10 @@ export class TrainingGraph {
     const slot = (s: number): SequenceSlot => ({
       tokens: buf(T, `train.${s}.tokens`),
       targets: buf(T, `train.${s}.targets`),
-      checkpoints: Array.from({ length: c.numLayers + 1 }, (_, l) => buf(T * D, `train.${s}.x${l}`)),
+      checkpoints: Array.from(
+        { length: c.numLayers + 1 },
+        (_, l) => buf(T * D, `train.${s}.x${l}`),
+      ),
       lse: buf(T, `train.${s}.lse`),
       logp: buf(T, `train.${s}.logp`),
       dHidden: buf(T * D, `train.${s}.d_hidden`),
@@ -202,7 +205,13 @@ export class TrainingGraph {
    * in the loss output buffer of dL/d(sum of this sequence's response log-probs), and the seed
    * of its LoRA dropout masks (used by the forward and the backward alike).
    */
-  load(slotIndex: 0 | 1, tokens: number[], promptLength: number, gradIndex: number, dropoutSeed = 0): void {
+  load(
+    slotIndex: 0 | 1,
+    tokens: number[],
+    promptLength: number,
+    gradIndex: number,
+    dropoutSeed = 0,
+  ): void {
     const s = this.slots[slotIndex];
     const T = tokens.length;
     if (T > this.maxTokens || promptLength < 1 || promptLength >= T) {
@@ -215,7 +224,11 @@ export class TrainingGraph {
     writeBuffer(this.ctx, s.tokens, 0, Uint32Array.from(tokens));
     writeBuffer(this.ctx, s.targets, 0, Uint32Array.from(tokens.slice(1)));
     this.ctx.device.queue.writeBuffer(s.rows, 0, packUniform([["u32", T], ["u32", 0]]));
-    this.ctx.device.queue.writeBuffer(s.dropout, 0, packUniform([["u32", T], ["u32", dropoutSeed >>> 0]]));
+    this.ctx.device.queue.writeBuffer(
+      s.dropout,
+      0,
+      packUniform([["u32", T], ["u32", dropoutSeed >>> 0]]),
+    );
     this.weights.embedding.chunks.forEach((chunk, i) => {
       this.ctx.device.queue.writeBuffer(
         s.embedParams[i],
@@ -318,9 +331,15 @@ export class TrainingGraph {
     y: BindingResource,
     accumulate: boolean,
   ) {
-    const linears = this.#group(`${key}.linears`, () => chunkLinears(this.ctx, m, bias, accumulate));
+    const linears = this.#group(
+      `${key}.linears`,
+      () => chunkLinears(this.ctx, m, bias, accumulate),
+    );
     linears.forEach(({ chunk, matmul, bias: biasSlice }, i) => {
-      const group = this.#group(`${key}.${i}.${s.rows.label}`, () => matmul.bind(params, x, chunk.buffer, biasSlice, y));
+      const group = this.#group(
+        `${key}.${i}.${s.rows.label}`,
+        () => matmul.bind(params, x, chunk.buffer, biasSlice, y),
+      );
       matmul.encode(pass, group, rows);
     });
   }
@@ -329,14 +348,33 @@ export class TrainingGraph {
    * With dropout (training only): the dropped copy of x [T, in], made in #dropped, which the
    * LoRA path reads instead of x. Without: x itself.
    */
-  #loraInput(pass: GPUComputePassEncoder, s: SequenceSlot, p: AdaptedProjection, x: Columns, dropout: boolean): Columns {
+  #loraInput(
+    pass: GPUComputePassEncoder,
+    s: SequenceSlot,
+    p: AdaptedProjection,
+    x: Columns,
+    dropout: boolean,
+  ): Columns {
     if (!dropout || this.#dropped === null) return x;
     const drop = this.#wrapper(LoraDropout, {
-      cols: p.in, inStride: x.stride, inOffset: x.offset, outStride: p.in, outOffset: 0, p: this.#dropoutP, accumulate: false,
+      cols: p.in,
+      inStride: x.stride,
+      inOffset: x.offset,
+      outStride: p.in,
+      outOffset: 0,
+      p: this.#dropoutP,
+      accumulate: false,
     });
     const stream = this.#streams[p.layer * LORA_TARGETS.length + LORA_TARGETS.indexOf(p.target)];
     const dropped = this.#dropped;
-    drop.encode(pass, this.#group(`drop.${p.layer}.${p.target}.${s.rows.label}`, () => drop.bind(s.dropout, stream, x.buffer, dropped)), s.length);
+    drop.encode(
+      pass,
+      this.#group(
+        `drop.${p.layer}.${p.target}.${s.rows.label}`,
+        () => drop.bind(s.dropout, stream, x.buffer, dropped),
+      ),
+      s.length,
+    );
     return { buffer: dropped, stride: p.in, offset: 0 };
   }
 
@@ -351,10 +389,23 @@ export class TrainingGraph {
   ) {
     const x = this.#loraInput(pass, s, p, input, dropout);
     const r = this.#rank;
-    const shrink = this.#wrapper(LoraShrink, { inFeatures: p.in, rank: r, inStride: x.stride, inOffset: x.offset });
-    const expand = this.#wrapper(LoraExpand, { outFeatures: p.out, rank: r, outStride: y.stride, outOffset: y.offset });
+    const shrink = this.#wrapper(LoraShrink, {
+      inFeatures: p.in,
+      rank: r,
+      inStride: x.stride,
+      inOffset: x.offset,
+    });
+    const expand = this.#wrapper(LoraExpand, {
+      outFeatures: p.out,
+      rank: r,
+      outStride: y.stride,
+      outOffset: y.offset,
+    });
     const key = `lora.${p.layer}.${p.target}.${s.rows.label}.${x.buffer.label}.${y.buffer.label}`;
-    const g1 = this.#group(`${key}.shrink`, () => shrink.bind(s.rows, x.buffer, this.#zeroSlots, p.a.value, this.#u));
+    const g1 = this.#group(
+      `${key}.shrink`,
+      () => shrink.bind(s.rows, x.buffer, this.#zeroSlots, p.a.value, this.#u),
+    );
     const g2 = this.#group(
       `${key}.expand`,
       () => expand.bind(s.rows, this.#u, this.#zeroSlots, p.b.value, this.lora.scales, y.buffer),
@@ -381,35 +432,110 @@ export class TrainingGraph {
     const key = `L${l}.${hidden.label}.${s.rows.label}`;
     const adapted = (t: LoraTarget) => (withAdapter ? this.lora.projection(l, t) : undefined);
 
-    k.norm.encode(pass, this.#group(`${key}.norm1`, () => k.norm.bind(s.rows, hidden, w.inputNorm, this.#normed1)), T);
-    this.#linear(pass, `${key}.qkv`, s, s.rows, T, this.#normed1, w.qkv, w.qkvBias, this.#qkv, false);
+    k.norm.encode(
+      pass,
+      this.#group(`${key}.norm1`, () => k.norm.bind(s.rows, hidden, w.inputNorm, this.#normed1)),
+      T,
+    );
+    this.#linear(
+      pass,
+      `${key}.qkv`,
+      s,
+      s.rows,
+      T,
+      this.#normed1,
+      w.qkv,
+      w.qkvBias,
+      this.#qkv,
+      false,
+    );
     for (const t of ["q", "k", "v"] as const) {
       const p = adapted(t);
-      if (p) this.#loraForward(pass, s, p, this.#targetInput(t), this.#targetColumns(t, "forward"), dropout);
+      if (p) {
+        this.#loraForward(
+          pass,
+          s,
+          p,
+          this.#targetInput(t),
+          this.#targetColumns(t, "forward"),
+          dropout,
+        );
+      }
     }
     const ropeQ = k.ropeQ, ropeK = k.ropeK;
-    ropeQ.encode(pass, this.#group(`${key}.ropeq`, () => ropeQ.bind(s.rows, this.#invFreq, this.#qkv)), T);
-    ropeK.encode(pass, this.#group(`${key}.ropek`, () => ropeK.bind(s.rows, this.#invFreq, this.#qkv)), T);
+    ropeQ.encode(
+      pass,
+      this.#group(`${key}.ropeq`, () => ropeQ.bind(s.rows, this.#invFreq, this.#qkv)),
+      T,
+    );
+    ropeK.encode(
+      pass,
+      this.#group(`${key}.ropek`, () => ropeK.bind(s.rows, this.#invFreq, this.#qkv)),
+      T,
+    );
     k.attention.encode(
       pass,
-      this.#group(`${key}.attn`, () => k.attention.bind(s.rows, this.#qkv, this.#attn, this.#attnLse)),
+      this.#group(
+        `${key}.attn`,
+        () => k.attention.bind(s.rows, this.#qkv, this.#attn, this.#attnLse),
+      ),
       T,
     );
     this.#linear(pass, `${key}.o`, s, s.rows, T, this.#attn, w.o, null, hidden, true);
     const po = adapted("o");
-    if (po) this.#loraForward(pass, s, po, this.#targetInput("o"), { buffer: hidden, stride: this.#c.hiddenSize, offset: 0 }, dropout);
+    if (po) {
+      this.#loraForward(pass, s, po, this.#targetInput("o"), {
+        buffer: hidden,
+        stride: this.#c.hiddenSize,
+        offset: 0,
+      }, dropout);
+    }
 
-    k.norm.encode(pass, this.#group(`${key}.norm2`, () => k.norm.bind(s.rows, hidden, w.postNorm, this.#normed2)), T);
-    this.#linear(pass, `${key}.gu`, s, s.rows, T, this.#normed2, w.gateUp, null, this.#gateUp, false);
+    k.norm.encode(
+      pass,
+      this.#group(`${key}.norm2`, () => k.norm.bind(s.rows, hidden, w.postNorm, this.#normed2)),
+      T,
+    );
+    this.#linear(
+      pass,
+      `${key}.gu`,
+      s,
+      s.rows,
+      T,
+      this.#normed2,
+      w.gateUp,
+      null,
+      this.#gateUp,
+      false,
+    );
     for (const t of ["gate", "up"] as const) {
       const p = adapted(t);
-      if (p) this.#loraForward(pass, s, p, this.#targetInput(t), this.#targetColumns(t, "forward"), dropout);
+      if (p) {
+        this.#loraForward(
+          pass,
+          s,
+          p,
+          this.#targetInput(t),
+          this.#targetColumns(t, "forward"),
+          dropout,
+        );
+      }
     }
-    k.swiglu.encode(pass, this.#group(`${key}.swiglu`, () => k.swiglu.bind(s.rows, this.#gateUp, this.#act)), T);
+    k.swiglu.encode(
+      pass,
+      this.#group(`${key}.swiglu`, () => k.swiglu.bind(s.rows, this.#gateUp, this.#act)),
+      T,
+    );
     if (toAct) return;
     this.#linear(pass, `${key}.down`, s, s.rows, T, this.#act, w.down, null, hidden, true);
     const pd = adapted("down");
-    if (pd) this.#loraForward(pass, s, pd, this.#targetInput("down"), { buffer: hidden, stride: this.#c.hiddenSize, offset: 0 }, dropout);
+    if (pd) {
+      this.#loraForward(pass, s, pd, this.#targetInput("down"), {
+        buffer: hidden,
+        stride: this.#c.hiddenSize,
+        offset: 0,
+      }, dropout);
+    }
   }
 
   /**
@@ -466,10 +592,24 @@ export class TrainingGraph {
     const xL = this.#chunkRows(s.checkpoints[this.#c.numLayers], index);
     k.norm.encode(
       pass,
-      this.#group(`head.norm.${s.rows.label}.${index}`, () => k.norm.bind(params, xL, this.weights.finalNorm, this.#last)),
+      this.#group(
+        `head.norm.${s.rows.label}.${index}`,
+        () => k.norm.bind(params, xL, this.weights.finalNorm, this.#last),
+      ),
       rows,
     );
-    this.#linear(pass, `head.lm.${index}`, s, params, rows, this.#last, this.weights.lmHead, null, this.#logits, false);
+    this.#linear(
+      pass,
+      `head.lm.${index}`,
+      s,
+      params,
+      rows,
+      this.#last,
+      this.weights.lmHead,
+      null,
+      this.#logits,
+      false,
+    );
   }
 
   /** Rows [64 index, 64 index + 64) of a [maxT, D] buffer, as a binding. */
@@ -506,7 +646,10 @@ export class TrainingGraph {
         accumulate: accumulate || i > 0,
         alpha: 1,
       });
-      const group = this.#group(`${key}.${i}.${params.label}`, () => mm.bind(params, dy.buffer, chunk.buffer, dx));
+      const group = this.#group(
+        `${key}.${i}.${params.label}`,
+        () => mm.bind(params, dy.buffer, chunk.buffer, dx),
+      );
       mm.encode(pass, group, rows);
     });
   }
@@ -529,30 +672,79 @@ export class TrainingGraph {
     // #dxPath, then back through the mask into dx.
     const x = this.#loraInput(pass, s, p, input, true);
     const dx: Columns = this.#dxPath ? { buffer: this.#dxPath, stride: p.in, offset: 0 } : dxOut;
-    const shrink = this.#wrapper(LoraShrink, { inFeatures: p.in, rank: r, inStride: x.stride, inOffset: x.offset });
-    shrink.encode(pass, this.#group(`${key}.u`, () => shrink.bind(s.rows, x.buffer, this.#zeroSlots, p.a.value, this.#u)), T);
+    const shrink = this.#wrapper(LoraShrink, {
+      inFeatures: p.in,
+      rank: r,
+      inStride: x.stride,
+      inOffset: x.offset,
+    });
+    shrink.encode(
+      pass,
+      this.#group(
+        `${key}.u`,
+        () => shrink.bind(s.rows, x.buffer, this.#zeroSlots, p.a.value, this.#u),
+      ),
+      T,
+    );
     const dB = this.#wrapper(MatMulTN, {
-      m: p.out, n: r, pStride: dy.stride, pOffset: dy.offset, qStride: r, qOffset: 0, accumulate: true, alpha: scale,
+      m: p.out,
+      n: r,
+      pStride: dy.stride,
+      pOffset: dy.offset,
+      qStride: r,
+      qOffset: 0,
+      accumulate: true,
+      alpha: scale,
     });
     dB.encode(pass, this.#group(`${key}.dB`, () => dB.bind(s.rows, dy.buffer, this.#u, p.b.grad)));
     const g = this.#wrapper(MatMulNN, {
-      n: p.out, k: r, xStride: dy.stride, xOffset: dy.offset, yStride: r, yOffset: 0,
-      weight: "f32", accumulate: false, alpha: 1,
+      n: p.out,
+      k: r,
+      xStride: dy.stride,
+      xOffset: dy.offset,
+      yStride: r,
+      yOffset: 0,
+      weight: "f32",
+      accumulate: false,
+      alpha: 1,
     });
     g.encode(pass, this.#group(`${key}.g`, () => g.bind(s.rows, dy.buffer, p.b.value, this.#g)), T);
     const dA = this.#wrapper(MatMulTN, {
-      m: r, n: p.in, pStride: r, pOffset: 0, qStride: x.stride, qOffset: x.offset, accumulate: true, alpha: scale,
+      m: r,
+      n: p.in,
+      pStride: r,
+      pOffset: 0,
+      qStride: x.stride,
+      qOffset: x.offset,
+      accumulate: true,
+      alpha: scale,
     });
     dA.encode(pass, this.#group(`${key}.dA`, () => dA.bind(s.rows, this.#g, x.buffer, p.a.grad)));
     const dxPath = this.#wrapper(MatMulNN, {
-      n: r, k: p.in, xStride: r, xOffset: 0, yStride: dx.stride, yOffset: dx.offset,
-      weight: "f32", accumulate: this.#dxPath === null, alpha: scale,
+      n: r,
+      k: p.in,
+      xStride: r,
+      xOffset: 0,
+      yStride: dx.stride,
+      yOffset: dx.offset,
+      weight: "f32",
+      accumulate: this.#dxPath === null,
+      alpha: scale,
     });
-    dxPath.encode(pass, this.#group(`${key}.dx`, () => dxPath.bind(s.rows, this.#g, p.a.value, dx.buffer)), T);
+    dxPath.encode(
+      pass,
+      this.#group(`${key}.dx`, () => dxPath.bind(s.rows, this.#g, p.a.value, dx.buffer)),
+      T,
+    );
     if (this.#dxPath) {
       const drop = this.#wrapper(LoraDropout, {
-        cols: p.in, inStride: p.in, inOffset: 0, outStride: dxOut.stride, outOffset: dxOut.offset,
-        p: this.#dropoutP, accumulate: true,
+        cols: p.in,
+        inStride: p.in,
+        inOffset: 0,
+        outStride: dxOut.stride,
+        outOffset: dxOut.offset,
+        p: this.#dropoutP,
+        accumulate: true,
       });
       const stream = this.#streams[p.layer * LORA_TARGETS.length + LORA_TARGETS.indexOf(p.target)];
       drop.encode(
@@ -568,7 +760,11 @@ export class TrainingGraph {
    * (zero outside the response rows).
    */
   encodeHeadBackward(encoder: GPUCommandEncoder, slotIndex: 0 | 1, lossOutput: GPUBuffer): void {
-    const s = this.slots[slotIndex], k = this.#kernels, c = this.#c, D = c.hiddenSize, V = c.vocabSize;
+    const s = this.slots[slotIndex],
+      k = this.#kernels,
+      c = this.#c,
+      D = c.hiddenSize,
+      V = c.vocabSize;
     encoder.clearBuffer(s.dHidden, 0, s.length * D * 4);
     for (const chunk of this.#headChunks(s)) {
       const params = s.chunkParams[chunk.index];
@@ -584,8 +780,15 @@ export class TrainingGraph {
       if (chunk.promptRows > 0) encoder.clearBuffer(this.#logits, 0, chunk.promptRows * V * 4);
       pass = encoder.beginComputePass();
       this.#linearBackward(
-        pass, "head.dlast", params, chunk.rows, { buffer: this.#logits, stride: V, offset: 0 },
-        this.weights.lmHead, this.#dLast, D, false,
+        pass,
+        "head.dlast",
+        params,
+        chunk.rows,
+        { buffer: this.#logits, stride: V, offset: 0 },
+        this.weights.lmHead,
+        this.#dLast,
+        D,
+        false,
       );
       const xL = this.#chunkRows(s.checkpoints[c.numLayers], chunk.index);
       const dx = this.#chunkRows(s.dHidden, chunk.index);
@@ -618,58 +821,115 @@ export class TrainingGraph {
     // Down projection: x_{l+1} = mid + act Wd^T (+ LoRA).
     this.#linearBackward(pass, `${key}.down`, s.rows, T, dHidden, w.down, this.#dAct, I, false);
     const pd = adapted("down");
-    if (pd) this.#loraBackward(pass, s, pd, this.#targetInput("down"), dHidden, { buffer: this.#dAct, stride: I, offset: 0 });
+    if (pd) {
+      this.#loraBackward(pass, s, pd, this.#targetInput("down"), dHidden, {
+        buffer: this.#dAct,
+        stride: I,
+        offset: 0,
+      });
+    }
     k.swigluBackward.encode(
       pass,
-      this.#group(`${key}.swiglub`, () => k.swigluBackward.bind(s.rows, this.#gateUp, this.#dAct, this.#dGateUp)),
+      this.#group(
+        `${key}.swiglub`,
+        () => k.swigluBackward.bind(s.rows, this.#gateUp, this.#dAct, this.#dGateUp),
+      ),
       T,
     );
     this.#linearBackward(
-      pass, `${key}.gu`, s.rows, T, { buffer: this.#dGateUp, stride: 2 * I, offset: 0 }, w.gateUp, this.#dNormed, D, false,
+      pass,
+      `${key}.gu`,
+      s.rows,
+      T,
+      { buffer: this.#dGateUp, stride: 2 * I, offset: 0 },
+      w.gateUp,
+      this.#dNormed,
+      D,
+      false,
     );
     for (const t of ["gate", "up"] as const) {
       const p = adapted(t);
       if (p) {
         this.#loraBackward(pass, s, p, this.#targetInput(t), this.#targetColumns(t, "grad"), {
-          buffer: this.#dNormed, stride: D, offset: 0,
+          buffer: this.#dNormed,
+          stride: D,
+          offset: 0,
         });
       }
     }
     k.normBackward.encode(
       pass,
-      this.#group(`${key}.norm2b`, () => k.normBackward.bind(s.rows, this.#mid, w.postNorm, this.#dNormed, s.dHidden)),
+      this.#group(
+        `${key}.norm2b`,
+        () => k.normBackward.bind(s.rows, this.#mid, w.postNorm, this.#dNormed, s.dHidden),
+      ),
       T,
     );
 
     // Attention block: mid = x_l + attn Wo^T (+ LoRA).
     this.#linearBackward(pass, `${key}.o`, s.rows, T, dHidden, w.o, this.#dAttn, hq, false);
     const po = adapted("o");
-    if (po) this.#loraBackward(pass, s, po, this.#targetInput("o"), dHidden, { buffer: this.#dAttn, stride: hq, offset: 0 });
+    if (po) {
+      this.#loraBackward(pass, s, po, this.#targetInput("o"), dHidden, {
+        buffer: this.#dAttn,
+        stride: hq,
+        offset: 0,
+      });
+    }
     k.attentionBackward.encode(
       pass,
       this.#group(
         `${key}.attnb`,
-        () => k.attentionBackward.bind(s.rows, this.#qkv, this.#attn, this.#attnLse, this.#dAttn, this.#dQkv),
+        () =>
+          k.attentionBackward.bind(
+            s.rows,
+            this.#qkv,
+            this.#attn,
+            this.#attnLse,
+            this.#dAttn,
+            this.#dQkv,
+          ),
       ),
       T,
     );
     const ropeQ = k.ropeQBackward, ropeK = k.ropeKBackward;
-    ropeQ.encode(pass, this.#group(`${key}.ropeqb`, () => ropeQ.bind(s.rows, this.#invFreq, this.#dQkv)), T);
-    ropeK.encode(pass, this.#group(`${key}.ropekb`, () => ropeK.bind(s.rows, this.#invFreq, this.#dQkv)), T);
+    ropeQ.encode(
+      pass,
+      this.#group(`${key}.ropeqb`, () => ropeQ.bind(s.rows, this.#invFreq, this.#dQkv)),
+      T,
+    );
+    ropeK.encode(
+      pass,
+      this.#group(`${key}.ropekb`, () => ropeK.bind(s.rows, this.#invFreq, this.#dQkv)),
+      T,
+    );
     this.#linearBackward(
-      pass, `${key}.qkv`, s.rows, T, { buffer: this.#dQkv, stride: this.#qkvCols, offset: 0 }, w.qkv, this.#dNormed, D, false,
+      pass,
+      `${key}.qkv`,
+      s.rows,
+      T,
+      { buffer: this.#dQkv, stride: this.#qkvCols, offset: 0 },
+      w.qkv,
+      this.#dNormed,
+      D,
+      false,
     );
     for (const t of ["q", "k", "v"] as const) {
       const p = adapted(t);
       if (p) {
         this.#loraBackward(pass, s, p, this.#targetInput(t), this.#targetColumns(t, "grad"), {
-          buffer: this.#dNormed, stride: D, offset: 0,
+          buffer: this.#dNormed,
+          stride: D,
+          offset: 0,
         });
       }
     }
     k.normBackward.encode(
       pass,
-      this.#group(`${key}.norm1b`, () => k.normBackward.bind(s.rows, s.checkpoints[l], w.inputNorm, this.#dNormed, s.dHidden)),
+      this.#group(
+        `${key}.norm1b`,
+        () => k.normBackward.bind(s.rows, s.checkpoints[l], w.inputNorm, this.#dNormed, s.dHidden),
+      ),
       T,
     );
     pass.end();
@@ -693,7 +953,11 @@ function makeKernels(ctx: GpuContext, c: ModelConfig, w: GpuWeights, maxTokens: 
     embedding: new Embedding(ctx, { dim: D, weight: w.embedding.dtype }),
     norm: new RmsNorm(ctx, D, c.rmsNormEps),
     normBackward: new RmsNormBackward(ctx, { dim: D, eps: c.rmsNormEps, accumulate: true }),
-    normBackwardOverwrite: new RmsNormBackward(ctx, { dim: D, eps: c.rmsNormEps, accumulate: false }),
+    normBackwardOverwrite: new RmsNormBackward(ctx, {
+      dim: D,
+      eps: c.rmsNormEps,
+      accumulate: false,
+    }),
     swiglu: new SwiGlu(ctx, I),
     swigluBackward: new SwiGluBackward(ctx, { intermediate: I }),
     ropeQ: rope(H, 0, false),

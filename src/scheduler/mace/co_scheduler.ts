@@ -13,7 +13,13 @@
 import type { StepResult } from "../../engine/step.ts";
 import { planDpoSlices, type TrainingSlice } from "../../engine/training/slice_plan.ts";
 import type { BatchScheduler, ScheduledStep, StepPick } from "../batch_scheduler.ts";
-import { type CostModel, finetuneShape, type FinetuneShape, shapeOfPlan, type StepShape } from "../cost_model.ts";
+import {
+  type CostModel,
+  type FinetuneShape,
+  finetuneShape,
+  shapeOfPlan,
+  type StepShape,
+} from "../cost_model.ts";
 import type { MetricsRecorder } from "../metrics.ts";
 import type { GenerationRequest, RequestState } from "../request.ts";
 import { type FeedbackItem, FinetuneQueue, type QueuedPair } from "./finetune_queue.ts";
@@ -173,14 +179,18 @@ export class CoScheduler<T> {
       case "synchronous":
         this.startJobIfDue(now);
         if (this.job) finetune = this.takeSlice(now, false);
-        if (!finetune) step = this.batch.schedule();
+        // Serving pauses until the job's last step completes, even while its optimizer slice is
+        // still in flight.
+        if (!finetune && this.dpo === null) step = this.batch.schedule();
         break;
       case "mace":
         ({ step, finetune, forced, deadlineMs, mandatoryMs } = this.planMace(now));
         break;
     }
     if (!step && !finetune) return null;
-    if (finetune) this.maxFinetuneWaitMs = Math.max(this.maxFinetuneWaitMs, now - this.finetuneClock);
+    if (finetune) {
+      this.maxFinetuneWaitMs = Math.max(this.maxFinetuneWaitMs, now - this.finetuneClock);
+    }
     const shape = shapeOfPlan(step?.plan ?? null, finetune?.shape);
     return {
       id: this.nextIterationId++,
@@ -200,7 +210,9 @@ export class CoScheduler<T> {
     this.cost.observe(it.shape, outcome.ms);
     this.metrics?.gpuBusy(Math.max(0, now - outcome.ms), now);
     if (it.step) {
-      if (!outcome.result) throw new Error(`iteration ${it.id} ran a serving step but has no result`);
+      if (!outcome.result) {
+        throw new Error(`iteration ${it.id} ran a serving step but has no result`);
+      }
       effects.finished = this.batch.update(it.step, outcome.result, now);
       for (const { request } of it.step.entries) this.recordTokens(request, now);
       for (const req of effects.finished) {
@@ -219,9 +231,16 @@ export class CoScheduler<T> {
       if (ft.slice.kind === "reference") this.referenceDone.add(ft.pairs[ft.slice.pair].item.id);
       if (ft.slice.kind === "optimizer") {
         const losses = outcome.losses;
-        effects.retired = this.queue.trained(dpo.pairs, losses ?? dpo.pairs.map((p) => p.loss), now);
+        effects.retired = this.queue.trained(
+          dpo.pairs,
+          losses ?? dpo.pairs.map((p) => p.loss),
+          now,
+        );
         for (const p of effects.retired) this.referenceDone.delete(p.item.id);
-        this.metrics?.trained(now, dpo.pairs.map((p, i) => ({ id: p.item.id, dpoLoss: losses?.[i] ?? null })));
+        this.metrics?.trained(
+          now,
+          dpo.pairs.map((p, i) => ({ id: p.item.id, dpoLoss: losses?.[i] ?? null })),
+        );
         this.optimizerSteps++;
         effects.trained = dpo.pairs;
         effects.publish = this.optimizerSteps % this.policy.publishEvery === 0;
@@ -251,16 +270,21 @@ export class CoScheduler<T> {
       }
       if (req.numScheduled > req.length) fail(`request ${req.id} scheduled past its length`);
     }
-    for (const req of waiting) if (req.finished) fail(`request ${req.id} finished but still waiting`);
+    for (const req of waiting) {
+      if (req.finished) fail(`request ${req.id} finished but still waiting`);
+    }
     const inStep = new Set(this.dpo?.pairs ?? []);
-    for (const p of this.queue.eligible()) if (inStep.has(p)) fail(`pair ${p.item.id} is in the step and eligible`);
+    for (const p of this.queue.eligible()) {
+      if (inStep.has(p)) fail(`pair ${p.item.id} is in the step and eligible`);
+    }
     for (const p of inStep) if (!p.inStep) fail(`pair ${p.item.id} of the step is not marked`);
-    for (const p of this.job ?? []) if (p.inStep) fail(`pair ${p.item.id} is both in the job and in a step`);
+    for (const p of this.job ?? []) {
+      if (p.inStep) fail(`pair ${p.item.id} is both in the job and in a step`);
+    }
     if (this.queue.untrained < 0 || this.queue.untrained > this.queue.size + inStep.size) {
       fail(`untrained count ${this.queue.untrained} is out of range`);
     }
   }
-
 
   // -------------------------------------------------------------------------------------------
   // Fine-tuning work
@@ -276,9 +300,13 @@ export class CoScheduler<T> {
   /** Fine-tuning can run a slice now under the policy. */
   private finetuneRunnable(now: number): boolean {
     if (!this.trains()) return false;
-    if (this.dpo) return true;
+    // Every slice of the step issued: the next step waits until the optimizer slice completes
+    // (a pipelined loop schedules before the iterations in flight complete), since its losses
+    // set the pairs' priorities and its parameters are what the next step trains on.
+    if (this.dpo) return this.dpo.next < this.dpo.slices.length;
     if (this.policy.name === "periodic" || this.policy.name === "synchronous") {
-      return (this.job?.length ?? 0) > 0 || (now >= this.nextPeriodAt && this.queue.eligible().length > 0);
+      return (this.job?.length ?? 0) > 0 ||
+        (now >= this.nextPeriodAt && this.queue.eligible().length > 0);
     }
     return this.queue.eligible().length > 0;
   }
@@ -304,9 +332,15 @@ export class CoScheduler<T> {
       }, among);
       if (this.job) this.job = this.job.filter((p) => !pairs.includes(p));
       const cached = pairs.map((p) =>
-        this.options.referenceCached ? this.options.referenceCached(p.item) : this.referenceDone.has(p.item.id)
+        this.options.referenceCached
+          ? this.options.referenceCached(p.item)
+          : this.referenceDone.has(p.item.id)
       );
-      this.dpo = { pairs, slices: planDpoSlices(cached, this.options.numLayers, this.policy.layersPerSlice), next: 0 };
+      this.dpo = {
+        pairs,
+        slices: planDpoSlices(cached, this.options.numLayers, this.policy.layersPerSlice),
+        next: 0,
+      };
     }
     const dpo = this.dpo;
     const slice = dpo.slices[dpo.next];
@@ -352,7 +386,9 @@ export class CoScheduler<T> {
     // 1. Every running decode goes in first: its TBT deadline is what the iteration must meet.
     let deadline = Infinity;
     for (const req of running) {
-      if (req.length - req.numScheduled !== 1 || req.samplesIssued >= req.request.maxTokens) continue;
+      if (req.length - req.numScheduled !== 1 || req.samplesIssued >= req.request.maxTokens) {
+        continue;
+      }
       if (seqsLeft === 0) break;
       picks.push({ request: req, maxTokens: 1 });
       seqsLeft--;
@@ -365,10 +401,14 @@ export class CoScheduler<T> {
     // urgent prompt (at least one TBT SLO, so a late prompt still gets a full chunk).
     let ttftSlack = Infinity;
     for (const req of [...running, ...this.batch.waitingRequests]) {
-      if (req.firstTokenAt < 0) ttftSlack = Math.min(ttftSlack, req.submittedAt + p.ttftSloMs - now);
+      if (req.firstTokenAt < 0) {
+        ttftSlack = Math.min(ttftSlack, req.submittedAt + p.ttftSloMs - now);
+      }
     }
     const budgetMs = p.latencyMargin *
-      (Number.isFinite(deadline) ? deadline - now : Math.max(p.tbtSloMs, Number.isFinite(ttftSlack) ? ttftSlack : 0));
+      (Number.isFinite(deadline)
+        ? deadline - now
+        : Math.max(p.tbtSloMs, Number.isFinite(ttftSlack) ? ttftSlack : 0));
     const memCap = p.tauMem * this.options.memoryBytes;
 
     // 2. δ_ft: fine-tuning that has waited too long goes in regardless of fit.
@@ -408,14 +448,19 @@ export class CoScheduler<T> {
           const memFor = (n: number) =>
             (admitted ? newBlocks(req, start + n) : Math.ceil(knownLength(req) / B)) * blockBytes;
           const timeFor = (n: number) => marginal(addChunk(shape, slot, n, false));
-          let n = largestFitting(Math.min(remaining, tokensLeft), (k) => timeFor(k) <= left.timeMs + FIT_EPSILON);
+          let n = largestFitting(
+            Math.min(remaining, tokensLeft),
+            (k) => timeFor(k) <= left.timeMs + FIT_EPSILON,
+          );
           if (memFor(n) > left.memBytes) n = 0;
           if (n === 0 || (n < p.minChunkTokens && n < remaining)) return null;
           return { value: { request: req, tokens: n }, memBytes: memFor(n), timeMs: timeFor(n) };
         },
       });
     }
-    const tasks: PackTask<{ request: RequestState; tokens: number } | { slice: FinetuneWork<T> }>[] = [
+    const tasks: PackTask<
+      { request: RequestState; tokens: number } | { slice: FinetuneWork<T> }
+    >[] = [
       ...prefillTasks,
     ];
     if (!finetune && this.finetuneRunnable(now)) {
@@ -434,7 +479,11 @@ export class CoScheduler<T> {
             const serving = picks.length > 0 || prefills.length > 0;
             const reserved = serving ? (1 - share) * capacity.timeMs : 0;
             if (timeMs > left.timeMs - reserved + FIT_EPSILON) return null;
-            return { value: { slice: next }, memBytes: this.cost.finetuneBytes(next.shape), timeMs };
+            return {
+              value: { slice: next },
+              memBytes: this.cost.finetuneBytes(next.shape),
+              timeMs,
+            };
           },
         });
       }
@@ -454,7 +503,12 @@ export class CoScheduler<T> {
           shape = { ...shape, finetune: value.slice.shape };
         } else {
           picks.push({ request: value.request, maxTokens: value.tokens });
-          shape = addChunk(shape, value.request.numScheduled - value.request.evicted, value.tokens, false);
+          shape = addChunk(
+            shape,
+            value.request.numScheduled - value.request.evicted,
+            value.tokens,
+            false,
+          );
           seqsLeft--;
           tokensLeft -= value.tokens;
         }
@@ -465,14 +519,25 @@ export class CoScheduler<T> {
     if (placed.length === 0 && picks.length === 0 && !finetune && prefillTasks.length > 0) {
       const head = [...prefillTasks].sort((a, b) => b.priority - a.priority)[0];
       const chunk = head.fit({ memBytes: Infinity, timeMs: Infinity });
-      if (chunk) picks.push({ request: chunk.value.request, maxTokens: Math.min(chunk.value.tokens, p.minChunkTokens) });
+      if (chunk) {
+        picks.push({
+          request: chunk.value.request,
+          maxTokens: Math.min(chunk.value.tokens, p.minChunkTokens),
+        });
+      }
     }
     // Likewise an idle GPU runs the next slice even if it is longer than the budget.
     if (placed.length === 0 && picks.length === 0 && !finetune && prefillTasks.length === 0) {
       finetune = this.takeSlice(now, p.gamma > 0);
     }
     const step = picks.length > 0 ? this.batch.schedule(picks) : null;
-    return { step, finetune, forced, deadlineMs: Number.isFinite(deadline) ? deadline : null, mandatoryMs };
+    return {
+      step,
+      finetune,
+      forced,
+      deadlineMs: Number.isFinite(deadline) ? deadline : null,
+      mandatoryMs,
+    };
   }
 
   /** Records the tokens a request produced since last seen. */

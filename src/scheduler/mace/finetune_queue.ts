@@ -42,7 +42,14 @@ export class FinetuneQueue<T> {
   constructor(private readonly retrainAboveLoss: number, private readonly maxTrainings: number) {}
 
   add(item: FeedbackItem<T>, now: number): void {
-    this.pairs.push({ item, arrivedAt: now, readySince: now, loss: FRESH_DPO_LOSS, trainings: 0, inStep: false });
+    this.pairs.push({
+      item,
+      arrivedAt: now,
+      readySince: now,
+      loss: FRESH_DPO_LOSS,
+      trainings: 0,
+      inStep: false,
+    });
     this.untrainedCount++;
   }
 
@@ -65,10 +72,16 @@ export class FinetuneQueue<T> {
   }
 
   /** Takes up to `n` eligible pairs for a step (marked inStep), best first. */
-  take(n: number, now: number, o: SelectOptions, among: QueuedPair<T>[] = this.eligible()): QueuedPair<T>[] {
+  take(
+    n: number,
+    now: number,
+    o: SelectOptions,
+    among: QueuedPair<T>[] = this.eligible(),
+  ): QueuedPair<T>[] {
     const ranked = o.byPriority
       ? [...among].sort((a, b) =>
-        FinetuneQueue.priority(b, now, o) - FinetuneQueue.priority(a, now, o) || a.item.id - b.item.id
+        FinetuneQueue.priority(b, now, o) - FinetuneQueue.priority(a, now, o) ||
+        a.item.id - b.item.id
       )
       : among;
     const chosen = ranked.slice(0, n);
@@ -81,7 +94,11 @@ export class FinetuneQueue<T> {
    * each pair leaves the queue, or stays for another training while its loss is high. Returns
    * the pairs that left.
    */
-  trained(pairs: readonly QueuedPair<T>[], losses: readonly number[], now: number): QueuedPair<T>[] {
+  trained(
+    pairs: readonly QueuedPair<T>[],
+    losses: readonly number[],
+    now: number,
+  ): QueuedPair<T>[] {
     const retired: QueuedPair<T>[] = [];
     pairs.forEach((p, i) => {
       if (p.trainings === 0) this.untrainedCount--;

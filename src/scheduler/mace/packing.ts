@@ -38,7 +38,11 @@ export interface PackOptions<T> {
 export const FIT_EPSILON = 1e-6;
 
 /** The placements chosen, in the order they were placed. */
-export function bestFitPack<T>(tasks: readonly PackTask<T>[], capacity: Capacity, o: PackOptions<T>): Placement<T>[] {
+export function bestFitPack<T>(
+  tasks: readonly PackTask<T>[],
+  capacity: Capacity,
+  o: PackOptions<T>,
+): Placement<T>[] {
   const left = { ...capacity };
   const pending = tasks.map((task, index) => ({ task, index }))
     .sort((a, b) => b.task.priority - a.task.priority || a.index - b.index);
@@ -50,7 +54,8 @@ export function bestFitPack<T>(tasks: readonly PackTask<T>[], capacity: Capacity
       const placement = pending[at].task.fit(left);
       if (!placement || !fits(placement, left)) continue;
       seen++;
-      const f = o.lambdaMem * Math.abs(left.memBytes - placement.memBytes) / Math.max(capacity.memBytes, 1) +
+      const f = o.lambdaMem * Math.abs(left.memBytes - placement.memBytes) /
+          Math.max(capacity.memBytes, 1) +
         o.lambdaTime * Math.abs(left.timeMs - placement.timeMs) / Math.max(capacity.timeMs, 1e-9);
       if (!best || f < best.f) best = { at, placement, f };
     }

@@ -86,33 +86,55 @@ const BASE: Omit<PolicyOptions, "name"> = {
 };
 
 /** The defaults of a policy, with overrides. Throws InvalidRequestError on an unknown name or bad value. */
-export function policyOptions(name: string, overrides: Partial<Omit<PolicyOptions, "name">> = {}): PolicyOptions {
+export function policyOptions(
+  name: string,
+  overrides: Partial<Omit<PolicyOptions, "name">> = {},
+): PolicyOptions {
   if (!(POLICY_NAMES as readonly string[]).includes(name)) {
-    throw new InvalidRequestError(`unknown policy "${name}"; use one of ${POLICY_NAMES.join(", ")}`);
+    throw new InvalidRequestError(
+      `unknown policy "${name}"; use one of ${POLICY_NAMES.join(", ")}`,
+    );
   }
   const defined = Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined));
   const o: PolicyOptions = { ...BASE, name: name as PolicyName, ...defined };
   const positive = (key: keyof PolicyOptions) => {
     const v = o[key] as number;
-    if (!(Number.isFinite(v) && v > 0)) throw new InvalidRequestError(`${key} must be a positive number, got ${v}`);
+    if (!(Number.isFinite(v) && v > 0)) {
+      throw new InvalidRequestError(`${key} must be a positive number, got ${v}`);
+    }
   };
-  for (const key of ["ttftSloMs", "tbtSloMs", "deltaFtMs", "periodMs", "latencyMargin"] as const) positive(key);
-  if (!(o.tauMem > 0 && o.tauMem <= 1)) throw new InvalidRequestError(`tauMem must be in (0, 1], got ${o.tauMem}`);
+  for (const key of ["ttftSloMs", "tbtSloMs", "deltaFtMs", "periodMs", "latencyMargin"] as const) {
+    positive(key);
+  }
+  if (!(o.tauMem > 0 && o.tauMem <= 1)) {
+    throw new InvalidRequestError(`tauMem must be in (0, 1], got ${o.tauMem}`);
+  }
   if (!(o.gamma >= 0)) throw new InvalidRequestError(`gamma must be >= 0, got ${o.gamma}`);
-  for (const key of ["pairsPerStep", "layersPerSlice", "maxTrainings", "publishEvery", "window"] as const) {
+  for (
+    const key of [
+      "pairsPerStep",
+      "layersPerSlice",
+      "maxTrainings",
+      "publishEvery",
+      "window",
+    ] as const
+  ) {
     if (!(Number.isInteger(o[key]) && o[key] >= 1)) {
       throw new InvalidRequestError(`${key} must be an integer >= 1, got ${o[key]}`);
     }
   }
   if (!(Number.isInteger(o.kvBudget) && o.kvBudget >= 0)) {
-    throw new InvalidRequestError(`kvBudget must be an integer >= 0 (0 = no pruning), got ${o.kvBudget}`);
+    throw new InvalidRequestError(
+      `kvBudget must be an integer >= 0 (0 = no pruning), got ${o.kvBudget}`,
+    );
   }
   return o;
 }
 
 /** Named variants for reports: the five policies and the three ablations of mace. */
-export const ABLATIONS: Record<string, { policy: PolicyName; overrides: Partial<PolicyOptions> }> = {
-  "mace-no-prefix-sharing": { policy: "mace", overrides: { prefixSharing: false } },
-  "mace-no-kv-pruning": { policy: "mace", overrides: { kvBudget: 0 } },
-  "mace-no-loss-priority": { policy: "mace", overrides: { gamma: 0 } },
-};
+export const ABLATIONS: Record<string, { policy: PolicyName; overrides: Partial<PolicyOptions> }> =
+  {
+    "mace-no-prefix-sharing": { policy: "mace", overrides: { prefixSharing: false } },
+    "mace-no-kv-pruning": { policy: "mace", overrides: { kvBudget: 0 } },
+    "mace-no-loss-priority": { policy: "mace", overrides: { gamma: 0 } },
+  };

@@ -142,7 +142,11 @@ export function simulate(o: SimulationOptions): SimulationResult {
     while (feedback.length > 0 && feedback[0].atMs <= t) {
       const { atMs, arrival } = feedback.shift()!;
       const { promptLength, responseLength } = feedbackShape(arrival, trainMaxLength);
-      scheduler.addFeedback([{ id: arrival.id, tokens: 2 * (promptLength + responseLength), payload: null }], atMs);
+      scheduler.addFeedback([{
+        id: arrival.id,
+        tokens: 2 * (promptLength + responseLength),
+        payload: null,
+      }], atMs);
     }
     // The run ends when every request has arrived and ended; fine-tuning left then is staleness.
     if (next === arrivals.length && !batch.hasWork()) break;
@@ -217,8 +221,10 @@ export function syntheticPrompt(a: Arrival, shared: number, vocabSize: number): 
   const length = Math.max(1, a.promptTokens);
   const random = rng(a.id * 7919 + 17);
   const span = vocabSize - 3;
-  return Array.from({ length }, (_, i) =>
-    i === 0 ? 1 : i <= shared ? 3 + ((i - 1) % span) : 3 + Math.floor(random() * span));
+  return Array.from(
+    { length },
+    (_, i) => i === 0 ? 1 : i <= shared ? 3 + ((i - 1) % span) : 3 + Math.floor(random() * span),
+  );
 }
 
 /**
@@ -226,9 +232,15 @@ export function syntheticPrompt(a: Arrival, shared: number, vocabSize: number): 
  * `promptLength` prompt tokens and two responses of `responseLength` tokens, clamped so prompt +
  * response fits the trainer's max length.
  */
-export function feedbackShape(a: Arrival, trainMaxLength: number): { promptLength: number; responseLength: number } {
+export function feedbackShape(
+  a: Arrival,
+  trainMaxLength: number,
+): { promptLength: number; responseLength: number } {
   const promptLength = Math.min(a.promptTokens, trainMaxLength - 1);
-  return { promptLength, responseLength: Math.max(1, Math.min(a.outputTokens, trainMaxLength - promptLength)) };
+  return {
+    promptLength,
+    responseLength: Math.max(1, Math.min(a.outputTokens, trainMaxLength - promptLength)),
+  };
 }
 
 function insertSorted<E extends { atMs: number }>(list: E[], e: E): void {
