@@ -30,16 +30,33 @@ run_suite() { # name, time limit in seconds, then the deno test arguments
   return $rc
 }
 
+times=()
+timed() { # part name, then the command; records the part's wall time
+  local name=$1 start=$SECONDS rc
+  shift
+  "$@"
+  rc=$?
+  times+=("$(printf '%-28s %4d s  (exit %d)' "$name" $((SECONDS - start)) $rc)")
+  return $rc
+}
+
+echo "== deno fmt --check, deno lint"
+timed "format and lint" bash -c '"$0" fmt --check && "$0" lint' "$DENO"
+static_rc=$?
+
 echo "== deno test (all tests, backend wgpu)"
-MACE_BACKEND=wgpu run_suite wgpu 900 tests/ "${filter[@]}"
+MACE_BACKEND=wgpu timed "tests on wgpu (lavapipe)" run_suite wgpu 900 tests/ "${filter[@]}"
 wgpu_rc=$?
 
 echo "== deno test (GPU tests, backend dawn on SwiftShader)"
 mapfile -t gpu_tests < <(find tests -name '*.gpu.test.ts' | sort)
-MACE_BACKEND=dawn VK_ICD_FILENAMES="$SWIFTSHADER_ICD" run_suite dawn 1200 "${gpu_tests[@]}" "${filter[@]}"
+MACE_BACKEND=dawn VK_ICD_FILENAMES="$SWIFTSHADER_ICD" \
+  timed "GPU tests on dawn (SwiftShader)" run_suite dawn 1200 "${gpu_tests[@]}" "${filter[@]}"
 dawn_rc=$?
 
+echo "== time per part"
+printf '%s\n' "${times[@]}"
 "$DENO" run -A scripts/summarize-junit.ts "$results/wgpu.xml" "$results/dawn.xml"
 summary_rc=$?
 rm -rf "$results"
-[ $wgpu_rc -eq 0 ] && [ $dawn_rc -eq 0 ] && [ $summary_rc -eq 0 ]
+[ $static_rc -eq 0 ] && [ $wgpu_rc -eq 0 ] && [ $dawn_rc -eq 0 ] && [ $summary_rc -eq 0 ]

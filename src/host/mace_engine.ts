@@ -1,5 +1,5 @@
 /**
- * The engine as its callers see it (the Engine interface of src/worker/engine_api.ts): the model
+ * The engine as its callers see it (the Engine interface of src/host/engine_api.ts): the model
  * runner, the DPO fine-tuner and the CoScheduler, driven by one loop that runs an iteration at a
  * time (a serving step and/or one fine-tuning slice, as the policy decides):
  *
@@ -41,7 +41,7 @@ import type {
   FeedbackReceipt,
   GenerateRequest,
   GenerateResult,
-} from "../worker/engine_api.ts";
+} from "./engine_api.ts";
 import { AdapterVersions } from "./adapter_versions.ts";
 import { BUNDLED_MODEL } from "./defaults.ts";
 import { runIteration } from "./iteration.ts";

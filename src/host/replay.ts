@@ -6,7 +6,7 @@
  * both clamped like the simulator's pairs). The engine's own metrics are the result, so the live
  * run and `mace simulate` report the same numbers under the same names.
  */
-import type { Engine, EngineMetrics, GenerateResult } from "../worker/engine_api.ts";
+import type { Engine, EngineMetrics, GenerateResult } from "./engine_api.ts";
 import { feedbackShape, syntheticPrompt } from "../scheduler/sim/simulator.ts";
 import type { Arrival } from "../scheduler/sim/workload.ts";
 

@@ -6,15 +6,10 @@
  * unanswered forever.
  */
 import { proxy, wrap } from "comlink";
-import { InvalidRequestError, MaceError } from "../engine/errors.ts";
-import type { Engine, EngineOptions } from "./engine_api.ts";
+import { InvalidRequestError } from "../engine/errors.ts";
+import type { Engine, EngineOptions } from "../host/engine_api.ts";
 import type { InitMessage, InitReply } from "./engine_worker.ts";
-import { deserializeThrown, installErrorTransfer } from "./error_transfer.ts";
-
-/** The engine worker died, could not be started, or was already terminated. */
-export class EngineWorkerError extends MaceError {
-  override readonly code = "engine_worker";
-}
+import { deserializeThrown, EngineWorkerError, installErrorTransfer } from "./error_transfer.ts";
 
 export interface EngineHandle {
   /**

@@ -14,7 +14,7 @@ import type {
   FeedbackPair,
   GenerateRequest,
   GenerateResult,
-} from "./engine_api.ts";
+} from "../host/engine_api.ts";
 import { installErrorTransfer, type SerializedThrown, serializeThrown } from "./error_transfer.ts";
 
 export interface InitMessage {

@@ -16,10 +16,15 @@
  */
 import { type TransferHandler, transferHandlers } from "comlink";
 import * as engineErrors from "../engine/errors.ts";
+import { MaceError } from "../engine/errors.ts";
 import * as schedulerErrors from "../scheduler/errors.ts";
 import { MetricsUsageError } from "../scheduler/metrics.ts";
 import { ProfileNotFoundError } from "../scheduler/profiles.ts";
-import { EngineWorkerError } from "./engine_client.ts";
+
+/** The engine worker died, could not be started, or was already terminated. */
+export class EngineWorkerError extends MaceError {
+  override readonly code = "engine_worker";
+}
 
 /** A class whose instances are errors; rebuilt with its prototype, never by calling it. */
 export type ErrorClass = abstract new (...args: never[]) => Error;
@@ -61,10 +66,9 @@ function isErrorClass(value: unknown): value is ErrorClass {
 let registry: Map<string, ErrorClass> | null = null;
 
 /**
- * Every class that crosses the boundary with its identity, by name. Built on first use, not at
- * module load, because engine_client.ts (EngineWorkerError) imports this module: a top-level
- * list would read EngineWorkerError before that module has run. The error modules are imported
- * whole so that a class added to one of them is registered without touching this file.
+ * Every class that crosses the boundary with its identity, by name, built on first use. The
+ * error modules are imported whole so that a class added to one of them is registered without
+ * touching this file.
  */
 export function registeredErrorClasses(): ReadonlyMap<string, ErrorClass> {
   if (registry) return registry;

@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { EngineClosedError, InvalidRequestError } from "../../src/engine/errors.ts";
 import { openModelWithTokenizer } from "../../src/engine/load.ts";
 import { MaceEngine } from "../../src/host/mace_engine.ts";
-import type { FeedbackPair } from "../../src/worker/engine_api.ts";
+import type { FeedbackPair } from "../../src/host/engine_api.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
 

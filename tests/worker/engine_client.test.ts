@@ -6,8 +6,9 @@
  */
 import assert from "node:assert/strict";
 import { InvalidRequestError, MaceError } from "../../src/engine/errors.ts";
-import type { EngineOptions } from "../../src/worker/engine_api.ts";
-import { connectEngine, EngineWorkerError } from "../../src/worker/engine_client.ts";
+import type { EngineOptions } from "../../src/host/engine_api.ts";
+import { connectEngine } from "../../src/worker/engine_client.ts";
+import { EngineWorkerError } from "../../src/worker/error_transfer.ts";
 import { TrackedWorker } from "./tracked_worker.ts";
 
 const crashingWorker = () =>

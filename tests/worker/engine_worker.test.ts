@@ -13,8 +13,9 @@ import {
 } from "../../src/engine/errors.ts";
 import { openModelWithTokenizer } from "../../src/engine/load.ts";
 import { MaceEngine } from "../../src/host/mace_engine.ts";
-import { connectEngine, EngineWorkerError, spawnEngine } from "../../src/worker/engine_client.ts";
-import type { EngineOptions } from "../../src/worker/engine_api.ts";
+import { connectEngine, spawnEngine } from "../../src/worker/engine_client.ts";
+import { EngineWorkerError } from "../../src/worker/error_transfer.ts";
+import type { EngineOptions } from "../../src/host/engine_api.ts";
 import { TrackedWorker } from "./tracked_worker.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;

@@ -13,11 +13,11 @@ import {
 } from "../../src/engine/errors.ts";
 import {
   deserializeThrown,
+  EngineWorkerError,
   installErrorTransfer,
   registeredErrorClasses,
   serializeThrown,
 } from "../../src/worker/error_transfer.ts";
-import { EngineWorkerError } from "../../src/worker/engine_client.ts";
 import { assertSameError, sampleError } from "./error_samples.ts";
 
 installErrorTransfer();

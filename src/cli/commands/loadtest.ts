@@ -8,7 +8,7 @@ import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
 import { spawnEngine } from "../../worker/engine_client.ts";
 import { MaceEngine } from "../../host/mace_engine.ts";
 import { replayWorkload } from "../../host/replay.ts";
-import type { Engine } from "../../worker/engine_api.ts";
+import type { Engine } from "../../host/engine_api.ts";
 import { loadTrace, poissonWorkload } from "../../scheduler/sim/workload.ts";
 import { simulate } from "../../scheduler/sim/simulator.ts";
 import { POLICY_NAMES, policyOptions } from "../../scheduler/mace/policy.ts";
