@@ -1,6 +1,7 @@
 /** Command-line flag parsing shared by the CLI commands; bad flags raise InvalidRequestError. */
 import { parseArgs } from "node:util";
 import { InvalidRequestError } from "../engine/errors.ts";
+import type { BackendName } from "../engine/gpu/context.ts";
 
 export type FlagSpec = Record<string, { type: "string" | "boolean"; default?: string | boolean }>;
 
@@ -24,6 +25,15 @@ export function numberFlag(
     throw new InvalidRequestError(`--${name} ${String(value)} is not a valid value`);
   }
   return n;
+}
+
+/** The --backend flag: auto, wgpu or dawn (the browser backend is no command-line choice). */
+export function backendFlag(value: unknown): Exclude<BackendName, "browser"> {
+  const backend = String(value ?? "auto");
+  if (backend !== "auto" && backend !== "wgpu" && backend !== "dawn") {
+    throw new InvalidRequestError(`--backend ${backend}: expected auto, wgpu or dawn`);
+  }
+  return backend;
 }
 
 export { BUNDLED_MODEL as DEFAULT_MODEL } from "../host/defaults.ts";

@@ -40,7 +40,10 @@ export class GpuMemoryError extends MaceError {
   override readonly code = "gpu_memory";
 }
 
-/** A preference dataset file is missing or unreadable as a whole (bad records are skipped, not thrown). */
+/**
+ * A preference dataset file is missing or unreadable as a whole (bad records are skipped, not
+ * thrown).
+ */
 export class DatasetFormatError extends MaceError {
   override readonly code = "dataset_format";
   constructor(readonly file: string, readonly detail: string) {
@@ -48,7 +51,10 @@ export class DatasetFormatError extends MaceError {
   }
 }
 
-/** A LoRA adapter folder (PEFT adapter_config.json + adapter_model.safetensors) is malformed or unsupported. */
+/**
+ * A LoRA adapter folder (PEFT adapter_config.json + adapter_model.safetensors) is malformed or
+ * unsupported.
+ */
 export class AdapterFormatError extends MaceError {
   override readonly code = "adapter_format";
   constructor(readonly file: string, readonly detail: string, readonly tensor?: string) {

@@ -9,7 +9,10 @@ export interface LoadedModel {
   tokenizer: Tokenizer;
 }
 
-/** `tokenizerPath`: a tokenizer.json folder or a llama2.c tokenizer .bin, overriding the model's own. */
+/**
+ * `tokenizerPath`: a tokenizer.json folder or a llama2.c tokenizer .bin, overriding the model's
+ * own.
+ */
 export async function openModelWithTokenizer(
   path: string,
   tokenizerPath?: string,

@@ -1,17 +1,21 @@
 /**
- * The step contract (../shared/DESIGN.md): what the engine can execute in one
+ * The step contract (docs/ARCHITECTURE.md): what the engine can execute in one
  * iteration. Plain data, structured-cloneable, so a scheduler in a worker can
  * build it. The engine defines these types; the scheduler imports them.
  */
 
+/**
+ * How a sequence picks its next token (the rules: src/shaders/sample.wgsl). The sampling kernel
+ * reads one row per sequence: these plus the draw counter (SamplingRow in kernels/sample.ts).
+ */
 export interface SamplingParams {
-  /** 0 = greedy. */
+  /** <= 0: greedy. */
   temperature: number;
-  /** 0 = no top-k limit. */
+  /** Keep the topK most likely tokens; 0: no limit. */
   topK: number;
-  /** 1 = no top-p limit. */
+  /** Keep the smallest most-likely set with this share of the mass; >= 1: no limit. */
   topP: number;
-  /** Seed of this sequence's random stream; token n draws with (seed, n). */
+  /** u32 seed of this sequence's random stream; token n draws with (seed, n). */
   seed: number;
 }
 

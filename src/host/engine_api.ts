@@ -36,6 +36,8 @@ export interface GenerateRequest {
   requestId?: string;
   /** Generate exactly maxTokens tokens, past any EOS (benchmarks, as vLLM's ignore_eos). */
   ignoreEos?: boolean;
+  /** KV entries this request keeps before H2O pruning (default: the engine's). */
+  kvBudget?: number;
 }
 
 export interface GenerateResult extends RequestOutput {
@@ -118,6 +120,28 @@ export interface EngineOptions {
   tbtSloMs?: number;
   /** Longest prompt + output in tokens (default: the model's context, at most 2048). */
   maxContext?: number;
+  /** Serving capacity and the loop (defaults suit the bundled model). */
+  serving?: {
+    /** Sequences per step (default 16). */
+    maxSeqs?: number;
+    /** Tokens per step: the prefill chunk budget (default 512). */
+    maxTokensPerStep?: number;
+    /** KV pool size in blocks (default: maxSeqs sequences of maxContext tokens). */
+    kvBlocks?: number;
+    /** Share KV blocks of common prompt prefixes (default on). */
+    prefixCaching?: boolean;
+    /** KV entries a request keeps before H2O pruning (default 0: never prune, exact output). */
+    kvBudget?: number;
+    /** Iterations in flight (default 3 on Deno's WebGPU, 2 on Dawn). */
+    pipelineDepth?: number;
+    /** Weights on the GPU as f32 (default) or f16 (needs shader-f16). */
+    weights?: "f32" | "f16";
+    /** LoRA adapters resident at once (default 4). */
+    maxAdapters?: number;
+    /** Largest rank and the projections served adapters may have (default 16; the fine-tuner's). */
+    adapterRank?: number;
+    adapterTargets?: string[];
+  };
   finetune?: {
     rank?: number;
     alpha?: number;

@@ -1,34 +1,37 @@
 /**
- * The engine as its callers see it (the Engine interface of src/host/engine_api.ts): the model
- * runner, the DPO fine-tuner and the CoScheduler, driven by one loop that runs an iteration at a
- * time (a serving step and/or one fine-tuning slice, as the policy decides):
- *
- *   it = scheduler.schedule(now); run it on the GPU (runIteration); scheduler.complete(it, ...)
+ * The engine as its callers see it (the Engine interface of ./engine_api.ts): the model runner,
+ * the DPO fine-tuner and the CoScheduler, driven by the one engine loop (./engine_loop.ts):
+ * iterations of a serving step and/or one fine-tuning slice, as the policy decides, pipelined
+ * (the next is submitted before the last one's results are read).
  *
  * Feedback pairs train a LoRA adapter continuously; every `publishEvery` optimizer steps the
  * adapter is published as a new version ("<adapterName>@N") and requests submitted afterwards
- * without an explicit adapter run on it (requests keep the version they started with).
+ * without an explicit adapter run on it (requests keep the version they started with). Under the
+ * inference-only policy there is no fine-tuner at all: serving alone (`mace generate`, `bench`).
  *
- * One iteration is in flight at a time: the cost model learns from each iteration's measured
- * time, which pipelining would blur (the serving-only ServingEngine pipelines instead).
+ * Callbacks: an `onToken` that throws is the caller's problem. The engine catches it, the token
+ * still counts, the request goes on and its result has every token (one rule for every caller;
+ * the worker client reports such an error once the request has ended).
  */
 import { createGpuContext, type GpuContext } from "../engine/gpu/context.ts";
+import { SpanTimer } from "../engine/gpu/span_timer.ts";
 import { openModelWithTokenizer } from "../engine/load.ts";
+import type { ModelSource } from "../engine/model/source.ts";
 import { ModelRunner } from "../engine/runner/model_runner.ts";
 import { GREEDY, type SamplingParams } from "../engine/step.ts";
 import { EngineClosedError, InvalidRequestError } from "../engine/errors.ts";
-import {
-  LORA_TARGETS,
-  type LoraConfig,
-  type LoraTarget,
-  type LoraWeights,
-} from "../engine/lora/lora.ts";
+import { type LoraConfig, type LoraWeights, parseLoraTargets } from "../engine/lora/lora.ts";
 import { DpoTrainer, type TrainingPair } from "../engine/training/dpo_trainer.ts";
-import type { BatchScheduler } from "../scheduler/batch_scheduler.ts";
+import type { BatchScheduler, ScheduledStep } from "../scheduler/batch_scheduler.ts";
+import type { BlockManager } from "../scheduler/block_manager.ts";
 import { CostModel } from "../scheduler/cost_model.ts";
 import { MetricsRecorder } from "../scheduler/metrics.ts";
 import type { RequestState } from "../scheduler/request.ts";
-import { CoScheduler, type Iteration } from "../scheduler/mace/co_scheduler.ts";
+import {
+  CoScheduler,
+  type Iteration,
+  type IterationEffects,
+} from "../scheduler/mace/co_scheduler.ts";
 import { type PolicyOptions, policyOptions } from "../scheduler/mace/policy.ts";
 import { DEFAULT_PROFILE, loadProfile } from "../scheduler/profiles.ts";
 import type {
@@ -44,9 +47,12 @@ import type {
 } from "./engine_api.ts";
 import { AdapterVersions } from "./adapter_versions.ts";
 import { BUNDLED_MODEL } from "./defaults.ts";
-import { runIteration } from "./iteration.ts";
-import { pruneOverBudget } from "../scheduler/engine_loop.ts";
+import { EngineLoop } from "./engine_loop.ts";
+import { GpuIterationExecutor } from "./gpu_executor.ts";
 import { schedulerForRunner } from "./runner_scheduler.ts";
+
+/** Longest prompt + response the fine-tuner trains on (tokens). */
+const TRAIN_MAX_LENGTH = 256;
 
 interface LiveRequest {
   requestId: string;
@@ -56,21 +62,34 @@ interface LiveRequest {
   reject: (error: unknown) => void;
 }
 
+/** What the engine is built from, besides its options. */
+interface Parts {
+  ctx: GpuContext;
+  /** The engine destroys the context on close only when it made it. */
+  ownsContext: boolean;
+  source: ModelSource;
+  modelName: string;
+}
+
 export class MaceEngine implements Engine {
   private readonly live = new Map<number, LiveRequest>();
   private readonly byRequestId = new Map<string, number>();
   private nextSeqId = 0;
   private nextPairId = 0;
-  private running = false;
   private closed = false;
-  private wake: (() => void) | null = null;
-  private loopDone: Promise<void> = Promise.resolve();
   private publishedAdapter: string | null = null;
+  private readonly loop: EngineLoop<TrainingPair>;
+  private readonly timer: SpanTimer | null;
+  /** In-process observers (benchmarks): called with each serving step after it completed. */
+  onStep: ((step: ScheduledStep) => void) | null = null;
 
   private constructor(
-    private readonly ctx: GpuContext,
-    private readonly runner: ModelRunner,
-    private readonly trainer: DpoTrainer,
+    private readonly parts: Parts,
+    /** The GPU side of serving: weights, KV pool, adapters (benchmarks read its capacity). */
+    readonly runner: ModelRunner,
+    private readonly trainer: DpoTrainer | null,
+    /** The KV block manager (its stats: blocks used, cached, free; prefix hits). */
+    readonly blockManager: BlockManager,
     private readonly batch: BatchScheduler,
     private readonly scheduler: CoScheduler<TrainingPair>,
     private readonly cost: CostModel,
@@ -80,40 +99,105 @@ export class MaceEngine implements Engine {
     private readonly engineInfo: EngineInfo,
     private readonly adapterName: string,
     private readonly startMs: number,
-  ) {}
+    pipelineDepth: number,
+  ) {
+    this.timer = SpanTimer.create(parts.ctx);
+    const executor = new GpuIterationExecutor(
+      runner,
+      trainer,
+      batch,
+      policy.layersPerSlice,
+      this.timer,
+    );
+    this.loop = new EngineLoop(scheduler, batch, executor, {
+      completed: (it, effects, now) => this.completed(it, effects, now),
+      failed: (error) => this.fail(error),
+      idleExit: () => this.live.size === 0,
+    }, { depth: pipelineDepth });
+  }
 
+  /** Opens the model (default: the bundled one) and a GPU of `options.backend`, then starts. */
   static async create(options: EngineOptions = {}): Promise<MaceEngine> {
+    const modelPath = options.model ?? BUNDLED_MODEL;
+    const { source } = await openModelWithTokenizer(modelPath, options.tokenizer);
+    const ctx = await createGpuContext({ backend: options.backend ?? "auto" });
+    const modelName = modelPath.replace(/\/+$/, "").split("/").pop() ?? modelPath;
+    try {
+      return await MaceEngine.build({ ctx, ownsContext: true, source, modelName }, options);
+    } catch (error) {
+      ctx.destroy();
+      throw error;
+    }
+  }
+
+  /**
+   * An engine on a GPU context and model the caller already has (the CLI, tests). The context
+   * stays the caller's: close() leaves it open. `options.model`, `tokenizer` and `backend` are
+   * ignored.
+   */
+  static open(
+    ctx: GpuContext,
+    source: ModelSource,
+    options: EngineOptions = {},
+    modelName = "model",
+  ): Promise<MaceEngine> {
+    return MaceEngine.build({ ctx, ownsContext: false, source, modelName }, options);
+  }
+
+  private static async build(parts: Parts, options: EngineOptions): Promise<MaceEngine> {
+    const { ctx, source } = parts;
     const ft = options.finetune ?? {};
+    const serving = options.serving ?? {};
     const policy = policyOptions(options.policy ?? "mace", {
       ttftSloMs: options.ttftSloMs,
       tbtSloMs: options.tbtSloMs,
       pairsPerStep: ft.pairsPerStep,
       publishEvery: ft.publishEvery,
+      kvBudget: serving.kvBudget,
+      prefixSharing: serving.prefixCaching,
     });
     const lora: LoraConfig = {
       rank: ft.rank ?? 8,
       alpha: ft.alpha ?? 16,
-      targets: parseTargets(ft.targets ?? ["q", "v"]),
+      targets: parseLoraTargets(ft.targets ?? ["q", "v"]),
       dropout: 0,
     };
+    const servedTargets = parseLoraTargets([...lora.targets, ...(serving.adapterTargets ?? [])]);
+    const pipelineDepth = serving.pipelineDepth ?? defaultPipelineDepth(ctx);
+    if (!Number.isInteger(pipelineDepth) || pipelineDepth < 1) {
+      throw new InvalidRequestError(`pipeline depth must be an integer >= 1, got ${pipelineDepth}`);
+    }
     const profile = await loadProfile(options.profile ?? DEFAULT_PROFILE);
-    const modelPath = options.model ?? BUNDLED_MODEL;
-    const { source } = await openModelWithTokenizer(modelPath, options.tokenizer);
-    const ctx = await createGpuContext({ backend: options.backend ?? "auto" });
+    const runner = await ModelRunner.create(ctx, source, {
+      maxContext: options.maxContext,
+      maxSeqs: serving.maxSeqs,
+      maxTokens: serving.maxTokensPerStep,
+      kvBlocks: serving.kvBlocks,
+      weightDtype: serving.weights,
+      lora: {
+        maxAdapters: serving.maxAdapters ?? 4,
+        maxRank: Math.max(serving.adapterRank ?? 16, lora.rank),
+        targets: servedTargets,
+      },
+    });
     try {
-      const runner = await ModelRunner.create(ctx, source, {
-        maxContext: options.maxContext,
-        lora: { maxAdapters: 4, maxRank: Math.max(16, lora.rank), targets: lora.targets },
-      });
       await runner.warmUp();
-      const trainer = new DpoTrainer(ctx, source.config, runner.weights, lora, {
-        learningRate: ft.learningRate ?? 5e-4,
-        beta: ft.beta ?? 0.1,
-        maxPairsPerStep: policy.pairsPerStep,
-        maxLength: Math.min(256, runner.capacity.maxBlocksPerSeq * runner.capacity.blockSize),
-      });
-      trainer.initialize(ft.seed ?? 0);
       const { capacity } = runner;
+      const maxContext = capacity.maxBlocksPerSeq * capacity.blockSize;
+      // Inference-only never trains: no fine-tuner, no training memory.
+      const trainer = policy.name === "inference-only" ? null : new DpoTrainer(
+        ctx,
+        source.config,
+        runner.weights,
+        lora,
+        {
+          learningRate: ft.learningRate ?? 5e-4,
+          beta: ft.beta ?? 0.1,
+          maxPairsPerStep: policy.pairsPerStep,
+          maxLength: Math.min(TRAIN_MAX_LENGTH, maxContext),
+        },
+      );
+      trainer?.initialize(ft.seed ?? 0);
       const { blockManager, batch } = schedulerForRunner(runner, {
         prefixCaching: policy.prefixSharing,
         kvBudget: policy.kvBudget,
@@ -126,24 +210,25 @@ export class MaceEngine implements Engine {
         batch,
         cost,
         numLayers: source.config.numLayers,
-        memoryBytes: runner.memory.kvBytes + trainer.memory.activationBytes,
+        memoryBytes: runner.memory.kvBytes + (trainer?.memory.activationBytes ?? 0),
         metrics,
-        referenceCached: (item) => trainer.hasReference(item.payload),
+        referenceCached: (item) => trainer?.hasReference(item.payload) ?? false,
       }, startMs);
       const eosIds = [...(source.generationConfig?.eosTokenIds ?? source.config.eosTokenIds)];
       const info: EngineInfo = {
-        model: modelPath.replace(/\/+$/, "").split("/").pop() ?? modelPath,
+        model: parts.modelName,
         backend: ctx.backend,
         device: ctx.adapterDescription,
         policy: policy.name,
-        maxContext: capacity.maxBlocksPerSeq * capacity.blockSize,
+        maxContext,
         vocabSize: source.config.vocabSize,
         eosIds,
       };
       return new MaceEngine(
-        ctx,
+        parts,
         runner,
         trainer,
+        blockManager,
         batch,
         scheduler,
         cost,
@@ -153,9 +238,10 @@ export class MaceEngine implements Engine {
         info,
         ft.adapterName ?? "mace",
         startMs,
+        pipelineDepth,
       );
     } catch (error) {
-      ctx.destroy();
+      runner.destroy();
       throw error;
     }
   }
@@ -207,13 +293,14 @@ export class MaceEngine implements Engine {
         } catch { /* the caller's problem; its result still has every token */ }
       }),
       adapterId,
+      kvBudget: request.kvBudget,
     }, now);
     if (adapterId !== undefined) this.versions.acquire(adapterId);
     const result = new Promise<GenerateResult>((resolve, reject) => {
       this.live.set(seqId, { requestId, state, adapterId, resolve, reject });
     });
     this.byRequestId.set(requestId, seqId);
-    this.kick();
+    this.loop.kick();
     return result;
   }
 
@@ -235,7 +322,7 @@ export class MaceEngine implements Engine {
           "feedback must be a non-empty array of {prompt, chosen, rejected} pairs",
         );
       }
-      const maxLength = this.trainer.options.maxLength;
+      const maxLength = this.trainMaxLength;
       const items = pairs.map((pair, i) => {
         if (typeof pair !== "object" || pair === null) {
           throw new InvalidRequestError(`pair ${i}: not an object`);
@@ -259,7 +346,7 @@ export class MaceEngine implements Engine {
         return { id: this.nextPairId++, tokens, payload };
       });
       this.scheduler.addFeedback(items, performance.now());
-      this.kick();
+      this.loop.kick();
       return Promise.resolve({ accepted: items.length, untrained: this.scheduler.queue.untrained });
     } catch (error) {
       return Promise.reject(error);
@@ -300,7 +387,7 @@ export class MaceEngine implements Engine {
     });
   }
 
-  /** Cancels every live request, waits for the iteration in flight, frees the GPU. */
+  /** Cancels every live request, waits for the iterations in flight, frees the GPU. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
@@ -309,11 +396,11 @@ export class MaceEngine implements Engine {
       this.scheduler.cancel(seqId, now);
       this.settle(seqId, now, true);
     }
-    this.wake?.();
-    await this.loopDone;
-    this.trainer.destroy();
+    await this.loop.close();
+    this.timer?.destroy();
+    this.trainer?.destroy();
     this.runner.destroy();
-    this.ctx.destroy();
+    if (this.parts.ownsContext) this.parts.ctx.destroy();
   }
 
   // -------------------------------------------------------------------------------------------
@@ -331,81 +418,25 @@ export class MaceEngine implements Engine {
     }
   }
 
-  /** Starts the loop, or wakes it from idle. */
-  private kick(): void {
-    if (this.running) {
-      this.wake?.();
-      return;
-    }
-    this.running = true;
-    this.loopDone = this.loop().finally(() => (this.running = false));
+  /** The fine-tuner's longest prompt + response (what feedback pairs may be). */
+  private get trainMaxLength(): number {
+    return Math.min(TRAIN_MAX_LENGTH, this.engineInfo.maxContext);
   }
 
-  private async loop(): Promise<void> {
-    // Start after the current task, so requests submitted together share the first iteration.
-    await Promise.resolve();
-    while (!this.closed) {
-      try {
-        const it = this.scheduler.schedule(performance.now());
-        if (!it) {
-          if (!(await this.idle())) return;
-          continue;
-        }
-        await this.execute(it);
-        await pruneOverBudget(this.batch, this.runner);
-      } catch (error) {
-        this.fail(error);
-        return;
-      }
-    }
-  }
-
-  /** Waits for new work or the next retraining period; false when there is none to wait for. */
-  private async idle(): Promise<boolean> {
-    const now = performance.now();
-    if (this.scheduler.hasWork(now)) {
-      throw new Error("the scheduler has work but scheduled nothing with no iteration in flight");
-    }
-    const wakeAt = this.scheduler.nextWakeAt();
-    if (wakeAt === null && this.live.size === 0) return false;
-    await new Promise<void>((resolve) => {
-      const timer = wakeAt === null ? undefined : setTimeout(resolve, Math.max(0, wakeAt - now));
-      this.wake = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-    });
-    this.wake = null;
-    return !this.closed;
-  }
-
-  private async execute(it: Iteration<TrainingPair>): Promise<void> {
-    const ft = it.finetune;
-    // The trainer checks and loads the step's pairs; its slices are the scheduler's (same planner).
-    if (ft?.startsStep) {
-      this.trainer.planStep(ft.pairs.map((p) => p.item.payload), this.policy.layersPerSlice);
-    }
-    const timing = await runIteration(this.runner, this.trainer, {
-      plan: it.step?.plan ?? null,
-      slice: ft?.slice ?? null,
-    });
-    const losses = ft?.slice.kind === "optimizer"
-      ? (await this.trainer.readStepStats()).perPair.map((p) => p.loss)
-      : undefined;
-    const now = performance.now();
-    const effects = this.scheduler.complete(
-      it,
-      { result: timing.step, ms: timing.ms, losses },
-      now,
-    );
+  /** After each iteration: settle finished requests, drop retired references, publish. */
+  private async completed(
+    it: Iteration<TrainingPair>,
+    effects: IterationEffects<TrainingPair>,
+    now: number,
+  ): Promise<void> {
+    if (it.step) this.onStep?.(it.step);
     for (const req of effects.finished) this.settle(req.id, now, false);
     // Pairs that will not be trained again give back their cached reference log-probs.
-    this.trainer.forgetReferences(effects.retired.map((p) => p.item.payload));
-    if (effects.publish) {
-      this.publishedAdapter = this.versions.publish(
-        this.adapterName,
-        await this.trainer.params.read(),
-      );
+    this.trainer?.forgetReferences(effects.retired.map((p) => p.item.payload));
+    if (effects.publish && this.trainer) {
+      // No later slice is in flight: the next DPO step starts only after this one completed.
+      const weights = await this.trainer.params.read();
+      this.publishedAdapter = this.versions.publish(this.adapterName, weights);
     }
   }
 
@@ -423,26 +454,29 @@ export class MaceEngine implements Engine {
     });
   }
 
-  /** A failed iteration leaves the GPU state unknown: every live request fails with the error. */
+  /**
+   * A failed iteration leaves the GPU state unknown: every live request fails with the error, the
+   * KV state is reset, and the DPO step in progress is abandoned (its pairs wait again).
+   */
   private fail(error: unknown): void {
     // With no request to reject, a failure would otherwise go unseen (fine-tuning alone was running).
     if (this.live.size === 0) console.error("mace engine: an iteration failed:", error);
     this.batch.abortAll();
+    this.scheduler.abortFinetuneStep();
+    this.trainer?.abandonStep();
     for (const [seqId, live] of this.live) {
       this.live.delete(seqId);
       this.byRequestId.delete(live.requestId);
+      if (live.adapterId !== undefined) this.versions.release(live.adapterId);
       live.reject(error);
     }
   }
 }
 
-function parseTargets(targets: readonly string[]): LoraTarget[] {
-  for (const t of targets) {
-    if (!(LORA_TARGETS as readonly string[]).includes(t)) {
-      throw new InvalidRequestError(
-        `unknown LoRA target "${t}"; use some of ${LORA_TARGETS.join(", ")}`,
-      );
-    }
-  }
-  return LORA_TARGETS.filter((t) => targets.includes(t));
+/**
+ * Iterations in flight by default. Deno's wgpu resolves readbacks on a ~11 ms poll, so three in
+ * flight keep the GPU busy; Dawn resolves them as they complete, and two suffice.
+ */
+function defaultPipelineDepth(ctx: GpuContext): number {
+  return ctx.backend === "dawn" ? 2 : 3;
 }

@@ -1,6 +1,6 @@
 /**
  * Measures the engine's cost profile (src/scheduler/cost_model.ts) on this device and model: runs
- * a designed set of iterations through runIteration, the function the live loop runs, and fits
+ * a designed set of iterations through launchIteration, the function the live loop runs, and fits
  * the cost model's coefficients to the measured wall times.
  *
  * The design, one round:
@@ -38,7 +38,8 @@ import {
   fitCoefficients,
   shapeOfPlan,
 } from "../scheduler/cost_model.ts";
-import { runIteration } from "./iteration.ts";
+import { launchIteration } from "./gpu_executor.ts";
+import { SpanTimer } from "../engine/gpu/span_timer.ts";
 
 export interface ProfileOptions {
   /** The model's name as the profile records it (e.g. "stories260K"). */
@@ -125,6 +126,7 @@ export async function profileEngine(
   const total = perRound * repeats;
 
   const random = rng(options.seed ?? 0);
+  const timer = SpanTimer.create(runner.ctx);
   const token = () => Math.floor(random() * config.vocabSize);
   const adapterId = options.serveAdapter !== false && runner.adapterPool ? ADAPTER_ID : undefined;
   if (adapterId) runner.loadAdapter(adapterId, await trainer.params.read());
@@ -145,7 +147,7 @@ export async function profileEngine(
       for (const unit of shuffled(roundUnits, random)) {
         if (unit.kind === "serve") {
           const plan = buildPlan(unit.design, runner, token, adapterId);
-          const { ms } = await runIteration(runner, trainer, { plan, slice: null });
+          const ms = await timeIteration(runner, trainer, { plan, slice: null }, timer);
           record({ label: unit.design.label, shape: shapeOfPlan(plan), ms });
           continue;
         }
@@ -158,7 +160,7 @@ export async function profileEngine(
             ? light[(units.indexOf(unit) * 7 + j) % light.length]
             : null;
           const plan = design ? buildPlan(design, runner, token, adapterId) : null;
-          const { ms } = await runIteration(runner, trainer, { plan, slice });
+          const ms = await timeIteration(runner, trainer, { plan, slice }, timer);
           const ft = finetuneShape(slice, pairTokens, config.numLayers);
           const label = `${sliceLabel(slice, unit.length)}${design ? ` + ${design.label}` : ""}`;
           record({ label, shape: shapeOfPlan(plan, ft), ms });
@@ -166,6 +168,7 @@ export async function profileEngine(
       }
     }
   } finally {
+    timer?.destroy();
     if (adapterId) runner.unloadAdapter(adapterId);
   }
 
@@ -327,4 +330,18 @@ function median(values: number[]): number {
 
 function unique(values: number[]): number[] {
   return [...new Set(values.map((v) => Math.floor(v)))].sort((a, b) => a - b);
+}
+
+/**
+ * One iteration's time, as the live loop measures it: its GPU time where the adapter has
+ * timestamp queries, else the wall time from its submit until its results are read (the
+ * loop's pipelined attribution is then lower by the readback latency it hides, which the
+ * online cost model learns; docs/ARCHITECTURE.md, "Time attribution").
+ */
+async function timeIteration(
+  ...args: Parameters<typeof launchIteration>
+): Promise<number> {
+  const start = performance.now();
+  const { gpuMs } = await launchIteration(...args);
+  return gpuMs ?? performance.now() - start;
 }

@@ -16,8 +16,7 @@
  * is full a decode preempts the most recently admitted request (its blocks are
  * freed, its full blocks stay in the prefix cache, and it is recomputed later).
  */
-import type { BlockCopy, StepPlan, StepResult } from "../engine/step.ts";
-import { FEEDBACK_TOKEN } from "../engine/step.ts";
+import { FEEDBACK_TOKEN, type KvEdit, type StepPlan, type StepResult } from "../engine/step.ts";
 import { InvalidRequestError } from "../engine/errors.ts";
 import type { BlockManager } from "./block_manager.ts";
 import { type GenerationRequest, RequestState } from "./request.ts";
@@ -27,7 +26,6 @@ import {
   type PruningPolicy,
   selectKeptSlots,
 } from "./kv_pruning.ts";
-import type { KvEdit } from "../engine/step.ts";
 
 export interface BatchSchedulerOptions {
   blockManager: BlockManager;
@@ -97,8 +95,9 @@ export class BatchScheduler {
         budget < policy.sinks + policy.window + this.options.blockManager.blockSize)
     ) {
       throw new InvalidRequestError(
-        `request ${request.id}: a KV budget of ${budget} tokens is below sinks (${policy.sinks}) + ` +
-          `window (${policy.window}) + one block (${this.options.blockManager.blockSize}); raise it or use 0 (no pruning)`,
+        `request ${request.id}: a KV budget of ${budget} tokens is below sinks (${policy.sinks}) ` +
+          `+ window (${policy.window}) + one block (${this.options.blockManager.blockSize}); ` +
+          `raise it or use 0 (no pruning)`,
       );
     }
     if (this.isLive(request.id)) {
@@ -144,7 +143,6 @@ export class BatchScheduler {
     const id = this.nextStepId;
     const { maxTokensPerStep, maxSeqsPerStep } = this.options;
     const entries: StepEntry[] = [];
-    const copies: BlockCopy[] = [];
     let budget = maxTokensPerStep;
     const inStep = new Set<RequestState>();
 
@@ -152,7 +150,7 @@ export class BatchScheduler {
       if (entries.length >= maxSeqsPerStep || budget === 0 || inStep.has(req)) return;
       const work = this.nextChunk(req, id, Math.min(budget, limit));
       if (!work) return;
-      if (!this.reserveSlots(req, work.start + work.count, inStep, copies)) return;
+      if (!this.reserveSlots(req, work.start + work.count, inStep)) return;
       entries.push({ request: req, admission: this.admissions.get(req)!, ...work });
       inStep.add(req);
       budget -= work.count;
@@ -182,7 +180,6 @@ export class BatchScheduler {
     if (entries.length === 0) return null;
     this.nextStepId++;
     const plan: StepPlan = {
-      copies,
       sequences: entries.map(({ request, start, count, sample }) => {
         const known = request.knownSlice(start, start + count);
         return {
@@ -253,15 +250,12 @@ export class BatchScheduler {
     req: RequestState,
     end: number,
     inStep: ReadonlySet<RequestState>,
-    copies: BlockCopy[],
   ): boolean {
     const bm = this.options.blockManager;
     const missing = end - req.evicted - req.reservedSlots;
     if (missing <= 0) return true;
     for (;;) {
-      const appended = bm.appendSlots(req.id, missing);
-      if (appended) {
-        copies.push(...appended.copies);
+      if (bm.appendSlots(req.id, missing)) {
         req.reservedSlots = end - req.evicted;
         return true;
       }

@@ -17,9 +17,12 @@
  *     blocks enter the trie. If the same token path is already cached in another
  *     block, the sequence switches to that block and its own copy is freed
  *     (same K/V, less memory), so re-read blockTable() before every step.
- *  3. appendSlots(seqId, n) before decoding n more tokens; it returns the block
- *     copies the engine must do first (copy-on-write of a shared partial block).
- *  4. fork(parent, child) for parallel sampling; free(seqId) when done or preempted.
+ *  3. appendSlots(seqId, n) before decoding n more tokens.
+ *  4. free(seqId) when done or preempted.
+ *
+ * Only full blocks are ever shared (prefix hits and identical committed blocks), so a sequence
+ * always writes new tokens into a block it holds alone; prune copies the shared blocks its
+ * compaction writes into.
  *
  * allocate and appendSlots return null when the pool is full right now: the
  * scheduler then preempts its lowest-priority sequence (free it, recompute it
@@ -33,6 +36,7 @@
  * the operation used.
  */
 
+import type { BlockCopy } from "../engine/step.ts";
 import { BlockManagerUsageError, KvIntegrityError, OutOfKvBlocksError } from "./errors.ts";
 import { PrefixTrie, type TrieNode } from "./prefix_trie.ts";
 
@@ -46,16 +50,13 @@ export interface BlockManagerOptions {
 }
 
 export interface Allocation {
-  /** Leading prompt tokens whose K/V are already in shared blocks: a multiple of blockSize, < prompt length. */
+  /**
+   * Leading prompt tokens whose K/V are already in shared blocks: a multiple of blockSize, < prompt
+   * length.
+   */
   numCached: number;
   /** Physical blocks covering positions 0 .. prompt.length - 1. */
   blockTable: number[];
-}
-
-/** A block copy the engine must perform before the step writes into `dst`. */
-export interface BlockCopy {
-  src: number;
-  dst: number;
 }
 
 export interface BlockManagerStats {
@@ -78,11 +79,15 @@ interface Sequence {
   prompt: readonly number[];
   /** Token ids whose K/V are computed, position order (the prefix hit included). */
   committed: number[];
-  /** Positions with a block reserved: the committed ones plus those appended but not yet computed. */
+  /**
+   * Positions with a block reserved: the committed ones plus those appended but not yet computed.
+   */
   numSlots: number;
   /** Trie node of the last full committed block; the root when none or prefix caching is off. */
   lastNode: TrieNode;
-  /** The LoRA adapter whose K/V the blocks hold (undefined: the base model): its own trie namespace. */
+  /**
+   * The LoRA adapter whose K/V the blocks hold (undefined: the base model): its own trie namespace.
+   */
   adapterId: string | undefined;
   /**
    * KV entries were evicted (pruning): slots no longer match positions, so the sequence's
@@ -183,12 +188,11 @@ export class BlockManager {
   }
 
   /**
-   * Reserve positions for `n` more tokens after the sequence's current slots.
-   * A partially filled last block that other sequences share (after fork) is
-   * copied to a new block first, so this sequence's writes do not reach them.
-   * Null (nothing changed) when the pool cannot hold them now.
+   * Reserve positions for `n` more tokens after the sequence's current slots. False (nothing
+   * changed) when the pool cannot hold them now. The sequence's last block, where the first of
+   * them go, is never shared: sharing covers full blocks only.
    */
-  appendSlots(seqId: number, n: number): { copies: BlockCopy[] } | null {
+  appendSlots(seqId: number, n: number): boolean {
     const seq = this.sequence(seqId);
     if (!Number.isInteger(n) || n < 1) {
       throw new BlockManagerUsageError(
@@ -200,24 +204,11 @@ export class BlockManager {
     if (blocksNeeded > this.numBlocks) {
       throw new OutOfKvBlocksError(seqId, newSlots, blocksNeeded, this.numBlocks, this.blockSize);
     }
-    const lastIndex = seq.blockTable.length - 1;
-    const lastIsPartial = seq.numSlots % this.blockSize !== 0;
-    const copyOnWrite = lastIsPartial && this.refCounts[seq.blockTable[lastIndex]] > 1;
-    const fresh = blocksNeeded - seq.blockTable.length + (copyOnWrite ? 1 : 0);
-    if (!this.canFree(fresh)) return null;
-    const blocks = this.takeBlocks(fresh);
-    const copies: BlockCopy[] = [];
-    if (copyOnWrite) {
-      const src = seq.blockTable[lastIndex];
-      const dst = blocks.shift()!;
-      copies.push({ src, dst });
-      seq.blockTable[lastIndex] = dst;
-      // src stays with the sequences that still share it (its count was > 1).
-      this.release(src);
-    }
-    seq.blockTable.push(...blocks);
+    const fresh = blocksNeeded - seq.blockTable.length;
+    if (!this.canFree(fresh)) return false;
+    seq.blockTable.push(...this.takeBlocks(fresh));
     seq.numSlots = newSlots;
-    return { copies };
+    return true;
   }
 
   /**
@@ -300,31 +291,6 @@ export class BlockManager {
     // The trie path keeps only whole blocks before the first moved slot (unchanged, still cached).
     while (seq.lastNode.depth > Math.floor(firstMoved / B)) seq.lastNode = seq.lastNode.parent!;
     return { copies, moves, releasedBlocks: released.length };
-  }
-
-  /** The child shares every block of the parent (parallel sampling); later writes copy on write. */
-  fork(parentSeqId: number, childSeqId: number): void {
-    const parent = this.sequence(parentSeqId);
-    if (this.sequences.has(childSeqId)) {
-      throw new BlockManagerUsageError(`fork: sequence ${childSeqId} is already allocated`);
-    }
-    if (parent.committed.length !== parent.numSlots) {
-      // Both would write the parent's pending positions into the same blocks.
-      throw new BlockManagerUsageError(
-        `fork: sequence ${parentSeqId} has ${parent.numSlots - parent.committed.length} appended ` +
-          `but uncommitted slots; fork after committing them`,
-      );
-    }
-    for (const block of parent.blockTable) this.addRef(block);
-    this.sequences.set(childSeqId, {
-      blockTable: [...parent.blockTable],
-      prompt: parent.prompt,
-      committed: [...parent.committed],
-      numSlots: parent.numSlots,
-      lastNode: parent.lastNode,
-      adapterId: parent.adapterId,
-      pruned: parent.pruned,
-    });
   }
 
   /**

@@ -41,7 +41,8 @@ export function selectKeptSlots(
 ): number[] {
   if (!Number.isInteger(target) || target < policy.sinks + policy.window || target < 1) {
     throw new InvalidRequestError(
-      `a KV budget of ${target} tokens cannot hold ${policy.sinks} sinks + a ${policy.window}-token window`,
+      `a KV budget of ${target} tokens cannot hold ${policy.sinks} sinks + a ` +
+        `${policy.window}-token window`,
     );
   }
   if (target >= numSlots) return Array.from({ length: numSlots }, (_, i) => i);

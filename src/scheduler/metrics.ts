@@ -1,6 +1,6 @@
 /**
- * The metrics of ../shared/DESIGN.md §Metrics, shared by the simulator and the live engine so
- * that both report the same numbers under the same names. A `MetricsRecorder` is fed events on
+ * The metrics of docs/ARCHITECTURE.md (metric names), shared by the simulator and the live engine
+ * so that both report the same numbers under the same names. A `MetricsRecorder` is fed events on
  * one clock (ms; the simulator's virtual time or performance.now()) and `summary()` turns them
  * into a plain-JSON `MetricsSummary`. Pure TypeScript, no WebGPU.
  *
@@ -37,7 +37,6 @@
  * (summary option; default up to the latest event). Events must lie inside it.
  */
 import { MaceError } from "../engine/errors.ts";
-import type { RequestOutput } from "./request.ts";
 
 /** The recorder was fed events out of contract (unknown id, time going backwards, bad count). */
 export class MetricsUsageError extends MaceError {
@@ -200,8 +199,8 @@ export class MetricsRecorder {
     this.checkCount(counts.promptTokens, "promptTokens");
     if (counts.outputTokens !== r.tokenTimes.length) {
       throw new MetricsUsageError(
-        `request ${id} finished with outputTokens ${counts.outputTokens} but ${r.tokenTimes.length} tokens ` +
-          `were recorded; call token() for every generated token`,
+        `request ${id} finished with outputTokens ${counts.outputTokens} but ` +
+          `${r.tokenTimes.length} tokens were recorded; call token() for every generated token`,
       );
     }
     this.mark(atMs);
@@ -230,7 +229,9 @@ export class MetricsRecorder {
     this.busyIntervals.push([startMs, endMs]);
   }
 
-  /** GPU time of one iteration, when no interval is known; assumed not to overlap other GPU time. */
+  /**
+   * GPU time of one iteration, when no interval is known; assumed not to overlap other GPU time.
+   */
   gpuTime(ms: number): void {
     this.checkCount(ms, "gpuTime ms", false);
     this.gpuTimeMs += ms;
@@ -468,45 +469,6 @@ function unionLength(intervals: readonly [number, number][]): number {
   }
   if (curEnd > curStart) total += curEnd - curStart;
   return total;
-}
-
-/**
- * Replays a finished live request (RequestOutput keeps relative times only) into a recorder,
- * given when it was submitted on the recorder's clock.
- */
-export function recordRequestOutput(
-  rec: MetricsRecorder,
-  out: RequestOutput,
-  submittedAtMs: number,
-): void {
-  rec.arrived(submittedAtMs, out.id);
-  let t = submittedAtMs;
-  if (out.tokens.length > 0) {
-    t += out.ttftMs;
-    rec.token(t, out.id);
-    for (const gap of out.tokenTimesMs) {
-      t += gap;
-      rec.token(t, out.id);
-    }
-  }
-  // max(): the summed gaps may overshoot totalMs by float rounding.
-  rec.finished(Math.max(t, submittedAtMs + out.totalMs), out.id, {
-    promptTokens: out.promptTokens.length,
-    outputTokens: out.tokens.length,
-  });
-}
-
-/** The JSON document the CLI prints with --json: one row per policy or run. */
-export interface SummaryJson {
-  schema: "mace.metrics.v1";
-  rows: { name: string; summary: MetricsSummary }[];
-}
-
-export function summaryJson(
-  rows: readonly { name: string; summary: MetricsSummary }[],
-): SummaryJson {
-  // Round-trip so the result shares nothing with the inputs and is exactly what JSON.parse gives.
-  return JSON.parse(JSON.stringify({ schema: "mace.metrics.v1", rows }));
 }
 
 const COLUMNS: [header: string, width: number, get: (s: MetricsSummary) => string][] = [

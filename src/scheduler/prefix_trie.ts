@@ -187,7 +187,9 @@ export class PrefixTrie {
     return victim.block;
   }
 
-  /** How many blocks repeated leaf eviction could free: nodes whose whole subtree is unreferenced. */
+  /**
+   * How many blocks repeated leaf eviction could free: nodes whose whole subtree is unreferenced.
+   */
   countEvictable(): number {
     let count = 0;
     // Returns true when the subtree under `node` (node included) holds no referenced block.
@@ -229,7 +231,8 @@ export class PrefixTrie {
         const shouldBeEvictable = !this.isReferenced(child.block) && child.children.size === 0;
         if (shouldBeEvictable !== this.evictableLeaves.has(child)) {
           problems.push(
-            `${where}: evictable-leaf set says ${!shouldBeEvictable}, should be ${shouldBeEvictable}`,
+            `${where}: evictable-leaf set says ${!shouldBeEvictable}, should be ` +
+              `${shouldBeEvictable}`,
           );
         }
         visit(child);
@@ -238,7 +241,8 @@ export class PrefixTrie {
     for (const root of this.roots.values()) visit(root);
     if (reachable !== this.nodeByBlock.size) {
       problems.push(
-        `trie: ${reachable} nodes reachable from the root, block index holds ${this.nodeByBlock.size}`,
+        `trie: ${reachable} nodes reachable from the root, block index holds ` +
+          `${this.nodeByBlock.size}`,
       );
     }
     for (const leaf of this.evictableLeaves) {

@@ -19,7 +19,9 @@ export const PROFILES_DIR = PROFILES_URL.protocol === "file:"
   ? decodeURIComponent(PROFILES_URL.pathname)
   : PROFILES_URL.href;
 
-/** The bundled model's name (models/stories260K) and the device its shipped profile was measured on. */
+/**
+ * The bundled model's name (models/stories260K) and the device its shipped profile was measured on.
+ */
 export const BUNDLED_MODEL_NAME = "stories260K";
 export const DEFAULT_DEVICE_SLUG = "lavapipe";
 
@@ -68,14 +70,17 @@ export class ProfileNotFoundError extends ProfileFormatError {
   constructor(path: string) {
     super(
       path,
-      `no cost profile here; measure one for this device and model with ` +
-        `\`deno task mace profile --out ${path}\` (with the --model and --backend you serve with), ` +
-        `or pass --profile FILE naming an existing one (the shipped ones are in ${PROFILES_DIR})`,
+      `no cost profile here; measure one for this device and model with \`deno task mace profile ` +
+        `--out ${path}\` (with the --model and --backend you serve with), or pass --profile FILE ` +
+        `naming an existing one (the shipped ones are in ${PROFILES_DIR})`,
     );
   }
 }
 
-/** Reads and validates a profile; ProfileNotFoundError when missing, ProfileFormatError when malformed. */
+/**
+ * Reads and validates a profile; ProfileNotFoundError when missing, ProfileFormatError when
+ * malformed.
+ */
 export async function loadProfile(path: string): Promise<CostProfile> {
   const text = await readText(path);
   let value: unknown;

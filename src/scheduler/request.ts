@@ -61,7 +61,9 @@ export class RequestState {
   keptPositions: number[] = [];
   /** Samples submitted to the GPU whose token is not known yet. */
   pendingSamples = 0;
-  /** The id of the last step that sampled for this request (FEEDBACK_TOKEN needs the previous step). */
+  /**
+   * The id of the last step that sampled for this request (FEEDBACK_TOKEN needs the previous step).
+   */
   lastSampleStep = -1;
   finished: StopReason | null = null;
   prefixHitTokens = 0;

@@ -1,5 +1,6 @@
 // embedding.wgsl: token embedding gather from one row chunk of the table.
-//   out[t, :] = E[ids[t] - rowStart, :]   for t < tokens with rowStart <= ids[t] < rowStart + chunkRows
+//   out[t, :] = E[ids[t] - rowStart, :]
+//     for t < tokens with rowStart <= ids[t] < rowStart + chunkRows
 // Other tokens' rows are left untouched, so a vocabulary split into chunks (each
 // chunk one binding) is gathered by one dispatch per chunk, and ids past the
 // vocabulary are never read.

@@ -98,7 +98,8 @@ fn main(
   let s2 = rowSlot(t0 + 2u);
   let s3 = rowSlot(t0 + 3u);
   // The block's adapter: the first row's that has one; shared if no row has another.
-  let blockSlot = select(s0, select(s1, select(s2, s3, s2 == NO_ADAPTER), s1 == NO_ADAPTER), s0 == NO_ADAPTER);
+  let from2 = select(s2, s3, s2 == NO_ADAPTER);
+  let blockSlot = select(s0, select(s1, from2, s1 == NO_ADAPTER), s0 == NO_ADAPTER);
   if (blockSlot == NO_ADAPTER) {
     return;
   }

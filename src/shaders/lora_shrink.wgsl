@@ -89,7 +89,8 @@ fn main(
   let s2 = rowSlot(t0 + 2u);
   let s3 = rowSlot(t0 + 3u);
   // The block's adapter: the first row's that has one; shared if no row has another.
-  let blockSlot = select(s0, select(s1, select(s2, s3, s2 == NO_ADAPTER), s1 == NO_ADAPTER), s0 == NO_ADAPTER);
+  let from2 = select(s2, s3, s2 == NO_ADAPTER);
+  let blockSlot = select(s0, select(s1, from2, s1 == NO_ADAPTER), s0 == NO_ADAPTER);
   let same = (s0 == blockSlot || s0 == NO_ADAPTER) && (s1 == blockSlot || s1 == NO_ADAPTER) &&
     (s2 == blockSlot || s2 == NO_ADAPTER) && (s3 == blockSlot || s3 == NO_ADAPTER);
   // acc{r}l / acc{r}r: row t0 + r, outputs j0 .. j0+3 / j0+4 .. j0+7.

@@ -1,8 +1,8 @@
 // matmul.wgsl: a linear layer for many rows (prefill), tiled in workgroup memory.
 //   y[r, OUT_OFFSET + n] (= or +=) sum_k x[r, k] * W[n, k] (+ bias[n])   for r < rows, n < N
 // Shapes: x [rows, K] f32; W [N, K] f32, or f16 packed two per u32 along K as
-// [N, ceil(K/2)] u32 (WEIGHT_F16); bias [N] f32 (read only when HAS_BIAS); y [rows, OUT_STRIDE] f32.
-// W is bound as u32 words in both cases (f32 weights are bitcast).
+// [N, ceil(K/2)] u32 (WEIGHT_F16); bias [N] f32 (read only when HAS_BIAS); y [rows, OUT_STRIDE]
+// f32. W is bound as u32 words in both cases (f32 weights are bitcast).
 // A workgroup of 8 x 8 threads computes a 64 x 64 tile of y. Per step of BK
 // along K it stages x[64, BK] and W[64, BK] in workgroup memory, k-major
 // (loads coalesced along K, zero-filled past the edges); then each thread

@@ -1,6 +1,7 @@
 // matmul_nn.wgsl: x times a row-major W, for backpropagation through y = x W^T (dX = dY · W)
 // and LoRA (G = dY · B, dX += scale · G · A).
-//   y[r, Y_OFFSET + k] (= or +=) ALPHA * sum_{n < N} x[r, X_OFFSET + n] * W[n, k]   for r < rows, k < K
+//   y[r, Y_OFFSET + k] (= or +=) ALPHA * sum_{n < N} x[r, X_OFFSET + n] * W[n, k]
+//     for r < rows, k < K
 // Shapes: x [rows, X_STRIDE] f32; W [N, K] f32, or f16 packed two per u32 along K as
 // [N, ceil(K/2)] u32 (WEIGHT_F16); y [rows, Y_STRIDE] f32 (may not alias x).
 // W is bound as u32 words in both cases (f32 weights are bitcast).

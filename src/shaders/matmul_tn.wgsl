@@ -1,5 +1,6 @@
 // matmul_tn.wgsl: a product reduced over rows (tokens), for weight gradients dW = dY^T X.
-//   c[m, n] (= or +=) ALPHA * sum_{t < rows} p[t, P_OFFSET + m] * q[t, Q_OFFSET + n]   for m < M, n < N
+//   c[m, n] (= or +=) ALPHA * sum_{t < rows} p[t, P_OFFSET + m] * q[t, Q_OFFSET + n]
+//     for m < M, n < N
 // Shapes: p [rows, P_STRIDE] f32; q [rows, Q_STRIDE] f32; c [M, N] f32 row-major.
 // Built for thin outputs (LoRA: dB [out, r] with N = r ~ 8, dA [r, in] with M = r): c is
 // small and the sum over rows is long. A thread owns a block of 8 x 8 outputs

@@ -1,8 +1,8 @@
 // matvec.wgsl: a linear layer for few rows (decode), streaming W once per block of R rows.
 //   y[r, OUT_OFFSET + n] (= or +=) sum_k x[r, k] * W[n, k] (+ bias[n])   for r < rows, n < N
 // Shapes: x [rows, K] f32; W [N, K] f32, or f16 packed two per u32 along K as
-// [N, ceil(K/2)] u32 (WEIGHT_F16); bias [N] f32 (read only when HAS_BIAS); y [rows, OUT_STRIDE] f32.
-// W is bound as u32 words in both cases (f32 weights are bitcast).
+// [N, ceil(K/2)] u32 (WEIGHT_F16); bias [N] f32 (read only when HAS_BIAS); y [rows, OUT_STRIDE]
+// f32. W is bound as u32 words in both cases (f32 weights are bitcast).
 // A thread owns 4 consecutive columns and R rows (R = 1, 4 or 8), so each loaded
 // weight pair serves R rows and each loaded x pair serves 4 columns: loads, not
 // arithmetic, are what this kernel pays for. TK threads split K for each group of

@@ -1,6 +1,6 @@
 // sample.wgsl: draws one token id per row of logits: greedy, temperature, top-k, top-p.
 // Shapes: logits [rows, V] f32 (finite values), sampling [rows] SamplingParams,
-// tokens [rows] u32. Rules (the CPU reference, src/engine/reference/sampling.ts,
+// tokens [rows] u32. Rules (the CPU reference, tests/reference/sampling.ts,
 // spells them out): tokens are ordered by (logit desc, index asc); temperature <= 0
 // or topK == 1 takes the first; otherwise weights exp((logit - max) / temperature),
 // keep the first topK, then the shortest prefix reaching topP of their mass, and

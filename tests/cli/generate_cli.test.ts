@@ -10,7 +10,7 @@ const GOLDEN = (await Deno.readTextFile(ROOT + "models/stories260K/greedy_200.tx
   "",
 );
 
-Deno.test("cli: generate --json from BOS prints the golden greedy start, TTFT and per-token times", async () => {
+Deno.test("cli: generate --json from BOS: golden greedy start, TTFT, token times", async () => {
   const { code, stdout } = await mace(
     "generate",
     "--backend",
@@ -28,7 +28,7 @@ Deno.test("cli: generate --json from BOS prints the golden greedy start, TTFT an
   assert.equal(out.loraAdapter, null);
 });
 
-Deno.test("cli: generate --prompts runs a JSONL workload, one JSON line per prompt in order", async () => {
+Deno.test("cli: generate --prompts runs a JSONL workload, one line per prompt", async () => {
   const file = await Deno.makeTempFile({ suffix: ".jsonl" });
   await Deno.writeTextFile(
     file,
@@ -47,7 +47,7 @@ Deno.test("cli: generate --prompts runs a JSONL workload, one JSON line per prom
   for (const l of lines) assert.equal(l.tokenTimesMs.length, l.tokens.length - 1);
 });
 
-Deno.test("cli: bad input is a named error with the fix, exit code 1 or 2, never a crash", async (t) => {
+Deno.test("cli: bad input is a named error with the fix, exit 1 or 2, no crash", async (t) => {
   const file = await Deno.makeTempFile({ suffix: ".jsonl" });
   await Deno.writeTextFile(file, `{"prompt": "ok"}\n{"prompt": 3}\n`);
   const cases: [string[], number, RegExp][] = [

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { mace } from "../helpers/cli.ts";
 
-Deno.test("cli: loadtest serves a Poisson load with feedback through the worker and compares it with the simulator", async () => {
+Deno.test("cli: loadtest serves load and feedback via the worker, vs the simulator", async () => {
   const dir = await Deno.makeTempDir({ prefix: "mace-loadtest-" });
   try {
     const out = `${dir}/report.json`;

@@ -38,7 +38,7 @@ interface Sample {
   ms: number;
 }
 
-Deno.test("cli: profile measures, fits and writes a valid profile whose error is the reported one", async () => {
+Deno.test("cli: profile writes a valid fitted profile with the error it reports", async () => {
   const dir = await Deno.makeTempDir({ prefix: "mace-profile-cli-" });
   // A small engine (32 tokens and 4 sequences per step, context 64, pairs of up to 32 tokens).
   const engine = "--max-tokens 32 --max-seqs 4 --max-context 64 --max-length 32 --repeats 2";
@@ -144,7 +144,10 @@ Deno.test("cli: profile rejects bad flags with a named error before touching the
     const [flags, message] of [
       [["--repeats", "0"], /InvalidRequestError: --repeats 0 is not a valid value/],
       [["--backend", "cuda"], /InvalidRequestError: --backend cuda: expected auto, wgpu or dawn/],
-      [["--targets", "q,x"], /InvalidRequestError: --targets: unknown projection "x"/],
+      [
+        ["--targets", "q,x"],
+        /InvalidRequestError: unknown LoRA target "x"; valid targets: q, k, v, o, gate, up, down/,
+      ],
       [["--frobnicate"], /InvalidRequestError: profile: .*frobnicate/],
     ] as const
   ) {
@@ -154,7 +157,7 @@ Deno.test("cli: profile rejects bad flags with a named error before touching the
   }
 });
 
-Deno.test("profiles: names, the shipped default, and named errors for missing or malformed files", async () => {
+Deno.test("profiles: names, the shipped default, named errors for bad files", async () => {
   assert.equal(deviceSlug("llvmpipe (LLVM 15.0.6, 256 bits) / 65541 / 0"), "lavapipe");
   assert.equal(
     deviceSlug("SwiftShader driver 5.0.0 / google / swiftshader / swiftshader-device-subzero"),

@@ -1,12 +1,12 @@
 /**
  * `mace simulate` run as a user runs it (a subprocess), on the shipped trace and profile:
- * every policy's metrics come back under the names of ../shared/DESIGN.md, deterministically for
+ * every policy's metrics come back under the names of docs/ARCHITECTURE.md, deterministically for
  * a seed; the Markdown table has a row per policy; bad flags are named errors.
  */
 import assert from "node:assert/strict";
 import { mace } from "../helpers/cli.ts";
 
-Deno.test("cli: simulate prints every policy's metrics as JSON, the same for the same seed", async () => {
+Deno.test("cli: simulate prints each policy's metrics as JSON, same for a seed", async () => {
   const args = [
     "simulate",
     "--policy",

@@ -10,7 +10,7 @@ import { openModelWithTokenizer } from "../../src/engine/load.ts";
 import { ropeInvFreq } from "../../src/engine/model/config.ts";
 import { readPeftAdapter, writePeftAdapter } from "../../src/engine/lora/peft.ts";
 import { type LoraConfig, type LoraWeights, targetShape } from "../../src/engine/lora/lora.ts";
-import { dpoLossAndGrad, LoraDpoReference } from "../../src/engine/reference/lora_dpo.ts";
+import { dpoLossAndGrad, LoraDpoReference } from "../reference/lora_dpo.ts";
 import { readPreferencePairs } from "../../src/engine/training/preferences.ts";
 import { tokenizePairs } from "../../src/engine/training/tokenize_pairs.ts";
 import { assertClose } from "../helpers/tolerance.ts";
@@ -25,7 +25,7 @@ const PAIR = {
   rejected: " She was sad and stayed in bed.",
 };
 
-Deno.test("cli: one SGD step from --init-adapter writes init - lr * grad (float64 reference grad)", async () => {
+Deno.test("cli: one SGD step from --init-adapter writes init - lr * reference grad", async () => {
   const dir = await Deno.makeTempDir({ prefix: "mace-train-cli-" });
   const { source, tokenizer } = await openModelWithTokenizer(MODEL);
   const c = source.config;
@@ -94,7 +94,8 @@ Deno.test("cli: one SGD step from --init-adapter writes init - lr * grad (float6
       for (const m of ["a", "b"] as const) {
         const grad = expected.grads.layers[l][t]![m];
         const want = init.layers[l][t]![m].map((x, i) => x - lr * grad[i]);
-        // The f32 gradient is held to 1e-4 of its scale (dpo_gradient.gpu.test.ts): scaled by lr here.
+        // The f32 gradient is held to 1e-4 of its scale (dpo_gradient.gpu.test.ts): scaled by lr
+        // here.
         const scale = lr * Math.max(...grad.map(Math.abs));
         assertClose(
           out.layers[l][t]![m],
@@ -121,7 +122,7 @@ Deno.test("cli: one SGD step from --init-adapter writes init - lr * grad (float6
   await Deno.remove(dir, { recursive: true });
 });
 
-Deno.test("cli: train reports bad pairs with their line and skips them; no usable pair is an error", async () => {
+Deno.test("cli: train skips bad pairs, naming their line; no usable pair is an error", async () => {
   const dir = await Deno.makeTempDir({ prefix: "mace-train-cli-" });
   const lines = [
     JSON.stringify(PAIR),

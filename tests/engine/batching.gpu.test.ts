@@ -8,10 +8,10 @@
  */
 import { deepStrictEqual, ok } from "node:assert/strict";
 import { openModelWithTokenizer } from "../../src/engine/load.ts";
-import { ServingEngine, type ServingOptions } from "../../src/host/serving_engine.ts";
 import type { SamplingParams } from "../../src/engine/step.ts";
-import type { RequestOutput } from "../../src/scheduler/request.ts";
-import { gpuTest, testContext } from "../helpers/gpu.ts";
+import type { GenerateResult } from "../../src/host/engine_api.ts";
+import { inferenceEngine, type InferenceOptions } from "../helpers/engine.ts";
+import { gpuTest } from "../helpers/gpu.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
 const GOLDEN = await Deno.readTextFile(MODEL_DIR + "greedy_200.txt");
@@ -49,22 +49,21 @@ const SHARED = jobs(Array.from({ length: 16 }, (_, i) => [
   }),
 ]));
 
-const BASE: ServingOptions = { maxContext: 192 };
+const BASE: InferenceOptions = { maxContext: 192 };
 
 async function alone(list: Job[]): Promise<number[][]> {
-  const engine = await ServingEngine.create(await testContext(), source, {
+  const engine = await inferenceEngine(source, {
     ...BASE,
     maxSeqs: 1,
-    maxTokens: 64,
+    maxTokensPerStep: 64,
     prefixCaching: false,
   });
   const out: number[][] = [];
   for (const job of list) {
-    out.push(
-      (await engine.generate(job.prompt, { maxTokens: GEN_TOKENS, sampling: job.sampling })).tokens,
-    );
+    const { prompt, sampling } = job;
+    out.push((await engine.generate({ prompt, maxTokens: GEN_TOKENS, sampling })).tokens);
   }
-  engine.destroy();
+  await engine.close();
   return out;
 }
 
@@ -72,18 +71,16 @@ async function alone(list: Job[]): Promise<number[][]> {
  * All jobs on one engine: the first four at once, then one more each time request 0
  * emits a token, so requests join while others are mid-prefill or decoding.
  */
-async function batched(list: Job[], options: ServingOptions): Promise<RequestOutput[]> {
-  const engine = await ServingEngine.create(await testContext(), source, { ...BASE, ...options });
-  const results: Promise<RequestOutput>[] = [];
+async function batched(list: Job[], options: InferenceOptions): Promise<GenerateResult[]> {
+  const engine = await inferenceEngine(source, { ...BASE, ...options });
+  const results: Promise<GenerateResult>[] = [];
   let next = 0;
   const submit = () => {
     const job = list[next++];
-    results.push(engine.generate(job.prompt, {
-      maxTokens: GEN_TOKENS,
-      sampling: job.sampling,
-      eosIds: [],
-      onToken: results.length === 0 ? () => next < list.length && submit() : undefined,
-    }));
+    results.push(engine.generate(
+      { prompt: job.prompt, maxTokens: GEN_TOKENS, sampling: job.sampling, ignoreEos: true },
+      results.length === 0 ? () => next < list.length && submit() : undefined,
+    ));
   };
   while (next < 4) submit();
   // Request 0 ends after GEN_TOKENS tokens; submit whatever is left then.
@@ -91,7 +88,7 @@ async function batched(list: Job[], options: ServingOptions): Promise<RequestOut
   while (next < list.length) submit();
   const outputs = await Promise.all(results);
   engine.blockManager.checkIntegrity();
-  engine.destroy();
+  await engine.close();
   return outputs;
 }
 
@@ -103,7 +100,11 @@ for (const chunk of [5, 16, 64]) {
     ...gpuTest,
   }, async () => {
     const expected = await mixedAlone;
-    const outputs = await batched(MIXED, { maxSeqs: 16, maxTokens: chunk, prefixCaching: false });
+    const outputs = await batched(MIXED, {
+      maxSeqs: 16,
+      maxTokensPerStep: chunk,
+      prefixCaching: false,
+    });
     deepStrictEqual(outputs.map((o) => o.tokens), expected);
   });
 }
@@ -113,7 +114,11 @@ Deno.test({
   ...gpuTest,
 }, async () => {
   const expected = await alone(SHARED);
-  const outputs = await batched(SHARED, { maxSeqs: 16, maxTokens: 32, prefixCaching: true });
+  const outputs = await batched(SHARED, {
+    maxSeqs: 16,
+    maxTokensPerStep: 32,
+    prefixCaching: true,
+  });
   deepStrictEqual(outputs.map((o) => o.tokens), expected);
   // Requests admitted after the first's prefix blocks were committed hit all 4 blocks.
   const hits = outputs.map((o) => o.prefixHitTokens);
@@ -128,7 +133,7 @@ Deno.test({
   // 30 blocks of 16 = 480 token slots for 16 requests of up to 91 + 20 tokens.
   const outputs = await batched(MIXED, {
     maxSeqs: 16,
-    maxTokens: 32,
+    maxTokensPerStep: 32,
     kvBlocks: 30,
     prefixCaching: true,
   });

@@ -4,9 +4,9 @@
  */
 import { strictEqual } from "node:assert/strict";
 import { openModelWithTokenizer } from "../../src/engine/load.ts";
-import { ServingEngine } from "../../src/host/serving_engine.ts";
 import { GREEDY } from "../../src/engine/step.ts";
-import { gpuTest, testContext } from "../helpers/gpu.ts";
+import { inferenceEngine } from "../helpers/engine.ts";
+import { gpuTest } from "../helpers/gpu.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
 // llama2.c's run prints a newline after the last token; the tokens themselves do not.
@@ -17,18 +17,18 @@ for (const [layout, path] of [["HF", MODEL_DIR], ["llama2.c", MODEL_DIR + "stori
     name: `greedy 200 tokens from BOS equal llama2.c's golden text (${layout} layout)`,
     ...gpuTest,
   }, async () => {
-    const ctx = await testContext();
     const { source, tokenizer } = await openModelWithTokenizer(path);
-    const engine = await ServingEngine.create(ctx, source, {
+    const engine = await inferenceEngine(source, {
       maxSeqs: 1,
       maxContext: 256,
-      maxTokens: 64,
+      maxTokensPerStep: 64,
     });
-    const result = await engine.generate([source.config.bosTokenId!], {
+    const result = await engine.generate({
+      prompt: [source.config.bosTokenId!],
       maxTokens: 200,
       sampling: GREEDY,
     });
-    engine.destroy();
+    await engine.close();
     strictEqual(result.tokens.length, 200);
     strictEqual(tokenizer.decode(result.tokens), GOLDEN);
   });

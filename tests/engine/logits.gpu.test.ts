@@ -10,7 +10,7 @@ import { type RandomModelSpec, writeRandomHfModel } from "../../src/engine/model
 import type { WeightDtype } from "../../src/engine/model/dtype.ts";
 import { ropeInvFreq } from "../../src/engine/model/config.ts";
 import { f16ToF32, f32ToF16Bits } from "../../src/engine/model/dtype.ts";
-import { ReferenceModel } from "../../src/engine/reference/llama.ts";
+import { ReferenceModel } from "../reference/llama.ts";
 import { ModelRunner } from "../../src/engine/runner/model_runner.ts";
 import { GREEDY, type SequenceWork } from "../../src/engine/step.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";

@@ -13,11 +13,10 @@ import { deepStrictEqual, ok, rejects, strictEqual, throws } from "node:assert/s
 import { randomModelSource, type RandomModelSpec } from "../../src/engine/model/random_model.ts";
 import type { ModelConfig } from "../../src/engine/model/config.ts";
 import { ropeInvFreq } from "../../src/engine/model/config.ts";
-import { ReferenceModel } from "../../src/engine/reference/llama.ts";
+import { ReferenceModel } from "../reference/llama.ts";
 import { ModelRunner, type RunnerOptions } from "../../src/engine/runner/model_runner.ts";
-import { ServingEngine, type ServingOptions } from "../../src/host/serving_engine.ts";
+import type { GenerateResult } from "../../src/host/engine_api.ts";
 import { GREEDY, type SequenceWork } from "../../src/engine/step.ts";
-import type { RequestOutput } from "../../src/scheduler/request.ts";
 import {
   type LoraConfig,
   loraScale,
@@ -31,6 +30,7 @@ import {
   LoraAdapterError,
   UnknownAdapterError,
 } from "../../src/engine/errors.ts";
+import { inferenceEngine, type InferenceOptions } from "../helpers/engine.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";
 import { assertClose, F32, maxRelativeError, type Tolerance } from "../helpers/tolerance.ts";
 import { randn } from "../helpers/random.ts";
@@ -246,29 +246,31 @@ for (
   });
 }
 
-const SERVING: ServingOptions = {
+/**
+ * The engine's adapter pool as the runner's above: 3 adapters of rank <= 8 on all seven
+ * projections. Its KV blocks are the engine's 16 tokens (the runner tests above use 8).
+ */
+const SERVING: InferenceOptions = {
   maxSeqs: 4,
-  maxTokens: 32,
+  maxTokensPerStep: 32,
   maxContext: 64,
-  blockSize: 8,
-  lora: LORA,
+  maxAdapters: LORA.maxAdapters,
+  adapterRank: LORA.maxRank,
+  adapterTargets: ALL,
 };
-const GEN = { maxTokens: 10, sampling: GREEDY, eosIds: [] as number[] };
+const GEN = { maxTokens: 10, sampling: GREEDY, ignoreEos: true };
 
 /** Tokens of each job run alone on an engine without prefix caching, adapters published in order. */
 async function aloneOutputs(
   jobs: { prompt: number[]; adapter?: LoraWeights }[],
 ): Promise<number[][]> {
-  const engine = await ServingEngine.create(await testContext(), source, {
-    ...SERVING,
-    prefixCaching: false,
-  });
+  const engine = await inferenceEngine(source, { ...SERVING, prefixCaching: false });
   const out: number[][] = [];
   for (const job of jobs) {
-    const adapter = job.adapter ? engine.publishAdapter("x", job.adapter) : undefined;
-    out.push((await engine.generate(job.prompt, { ...GEN, adapter })).tokens);
+    const adapter = job.adapter ? await engine.publishAdapter("x", job.adapter) : undefined;
+    out.push((await engine.generate({ prompt: job.prompt, ...GEN, adapter })).tokens);
   }
-  engine.destroy();
+  await engine.close();
   return out;
 }
 
@@ -285,90 +287,102 @@ Deno.test({
   ]);
   ok(v1OnP2.join() !== v2Alone.join(), "versions 1 and 2 should generate differently");
 
-  const engine = await ServingEngine.create(await testContext(), source, SERVING);
-  strictEqual(engine.publishAdapter("style", ADAPTER_A), "style@1");
-  const later: Promise<RequestOutput>[] = [];
+  const engine = await inferenceEngine(source, SERVING);
+  const resident = async () => (await engine.adapters()).map((a) => a.id);
+  strictEqual(await engine.publishAdapter("style", ADAPTER_A), "style@1");
+  const later: Promise<GenerateResult>[] = [];
+  // Started at the first request's third token and checked after it: the engine catches what a
+  // token callback throws, so an assertion failing in there would go unseen.
+  const midway: Promise<[string, string[]]>[] = [];
   let seen = 0;
-  const first = engine.generate(p1, {
-    ...GEN,
-    adapter: "style",
-    onToken: () => {
-      if (++seen !== 3) return;
-      strictEqual(engine.publishAdapter("style", ADAPTER_A2), "style@2");
-      deepStrictEqual(engine.adapters, ["style@1", "style@2"]);
-      later.push(engine.generate(p2, { ...GEN, adapter: "style" }));
-    },
+  const first = engine.generate({ prompt: p1, ...GEN, adapter: "style" }, () => {
+    if (++seen !== 3) return;
+    midway.push(Promise.all([engine.publishAdapter("style", ADAPTER_A2), resident()]));
+    later.push(engine.generate({ prompt: p2, ...GEN, adapter: "style" }));
   });
   deepStrictEqual((await first).tokens, v1Alone);
+  strictEqual(midway.length, 1, "version 2 was published mid-generation");
+  const [v2, residentThen] = await midway[0];
+  strictEqual(v2, "style@2");
+  deepStrictEqual(residentThen, ["style@1", "style@2"]);
   // Version 1 is superseded and its last request ended: freed, with its cached KV blocks.
-  deepStrictEqual(engine.adapters, ["style@2"]);
+  deepStrictEqual(await resident(), ["style@2"]);
   deepStrictEqual(engine.runner.adapters, ["style@2"]);
   strictEqual(later.length, 1, "the second request was submitted mid-generation");
   deepStrictEqual((await later[0]).tokens, v2Alone);
   // A versioned id names that version; the freed one is unknown now.
-  deepStrictEqual((await engine.generate(p2, { ...GEN, adapter: "style@2" })).tokens, v2Alone);
-  await rejects(engine.generate(p2, { ...GEN, adapter: "style@1" }), UnknownAdapterError);
+  deepStrictEqual(
+    (await engine.generate({ prompt: p2, ...GEN, adapter: "style@2" })).tokens,
+    v2Alone,
+  );
+  await rejects(
+    engine.generate({ prompt: p2, ...GEN, adapter: "style@1" }),
+    UnknownAdapterError,
+  );
   engine.blockManager.checkIntegrity();
-  engine.destroy();
+  await engine.close();
 });
 
 Deno.test({
   name: "the same prompt on the base model and on an adapter shares no KV blocks",
   ...gpuTest,
 }, async () => {
-  const p = prompt(21, 7); // two full blocks of 8 can be shared
+  const p = prompt(21, 7); // one full block of 16 can be shared
   const [baseAlone, adapterAlone] = await aloneOutputs([{ prompt: p }, {
     prompt: p,
     adapter: ADAPTER_A,
   }]);
   ok(baseAlone.join() !== adapterAlone.join(), "the adapter should change the output");
 
-  const engine = await ServingEngine.create(await testContext(), source, SERVING);
-  engine.publishAdapter("x", ADAPTER_A);
+  const engine = await inferenceEngine(source, SERVING);
+  await engine.publishAdapter("x", ADAPTER_A);
   // Submitted together: both commit the same token blocks, under different trie roots.
   const [base1, adapter1] = await Promise.all([
-    engine.generate(p, GEN),
-    engine.generate(p, { ...GEN, adapter: "x" }),
+    engine.generate({ prompt: p, ...GEN }),
+    engine.generate({ prompt: p, ...GEN, adapter: "x" }),
   ]);
   engine.blockManager.checkIntegrity();
   // Then one after the other: each hits only its own cached prefix.
-  const adapter2 = await engine.generate(p, { ...GEN, adapter: "x" });
-  const base2 = await engine.generate(p, GEN);
+  const adapter2 = await engine.generate({ prompt: p, ...GEN, adapter: "x" });
+  const base2 = await engine.generate({ prompt: p, ...GEN });
   engine.blockManager.checkIntegrity();
   deepStrictEqual([base1, base2].map((o) => o.tokens), [baseAlone, baseAlone]);
   deepStrictEqual([adapter1, adapter2].map((o) => o.tokens), [adapterAlone, adapterAlone]);
   deepStrictEqual([base1, adapter1, adapter2, base2].map((o) => o.prefixHitTokens), [0, 0, 16, 16]);
-  engine.destroy();
+  await engine.close();
 });
 
 Deno.test({
   name: "adapter errors: unknown name, rank above the pool's, pool full, no pool",
   ...gpuTest,
 }, async () => {
-  const engine = await ServingEngine.create(await testContext(), source, SERVING);
-  engine.publishAdapter("a", ADAPTER_A);
-  await rejects(engine.generate(prompt(3, 1), { ...GEN, adapter: "nope" }), (error: unknown) => {
-    ok(error instanceof UnknownAdapterError);
-    deepStrictEqual(error.known, ["a", "a@1"]);
-    return true;
-  });
+  const engine = await inferenceEngine(source, SERVING);
+  await engine.publishAdapter("a", ADAPTER_A);
+  await rejects(
+    engine.generate({ prompt: prompt(3, 1), ...GEN, adapter: "nope" }),
+    (error: unknown) => {
+      ok(error instanceof UnknownAdapterError);
+      deepStrictEqual(error.known, ["a", "a@1"]);
+      return true;
+    },
+  );
   const big = randomAdapter(config, { rank: 9, alpha: 9, targets: ["q"], dropout: 0 }, 4);
-  throws(
-    () => engine.publishAdapter("big", big),
+  await rejects(
+    engine.publishAdapter("big", big),
     /rank 9 exceeds the adapter pool's maximum rank 8/,
   );
   const bad = {
     ...ADAPTER_B,
     layers: ADAPTER_B.layers.map((l) => ({ ...l, v: { a: l.v!.a, b: l.v!.b.subarray(1) } })),
   };
-  throws(() => engine.publishAdapter("bad", bad), LoraAdapterError);
-  engine.publishAdapter("b", ADAPTER_B);
-  engine.publishAdapter("c", ADAPTER_B);
-  throws(() => engine.publishAdapter("d", ADAPTER_B), AdapterPoolFullError);
+  await rejects(engine.publishAdapter("bad", bad), LoraAdapterError);
+  await engine.publishAdapter("b", ADAPTER_B);
+  await engine.publishAdapter("c", ADAPTER_B);
+  await rejects(engine.publishAdapter("d", ADAPTER_B), AdapterPoolFullError);
   // A new version of an idle adapter replaces it even when the pool is full.
-  strictEqual(engine.publishAdapter("c", ADAPTER_A2), "c@2");
-  deepStrictEqual(engine.adapters, ["a@1", "b@1", "c@2"]);
-  engine.destroy();
+  strictEqual(await engine.publishAdapter("c", ADAPTER_A2), "c@2");
+  deepStrictEqual((await engine.adapters()).map((a) => a.id), ["a@1", "b@1", "c@2"]);
+  await engine.close();
 
   const plain = await ModelRunner.create(await testContext(), source, {
     maxSeqs: 1,

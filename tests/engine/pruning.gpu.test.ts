@@ -4,8 +4,8 @@
  */
 import { ok, strictEqual } from "node:assert/strict";
 import { openModel } from "../../src/engine/model/open_model.ts";
-import { ServingEngine } from "../../src/host/serving_engine.ts";
-import { gpuTest, testContext } from "../helpers/gpu.ts";
+import { inferenceEngine } from "../helpers/engine.ts";
+import { gpuTest } from "../helpers/gpu.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
 
@@ -14,28 +14,28 @@ Deno.test({
     "serving with a KV budget prunes each request and matches the exact run until its first pruning",
   ...gpuTest,
 }, async () => {
-  const ctx = await testContext();
   const source = await openModel(MODEL_DIR);
   const prompts = [[1], [1, 403, 407, 261, 378], [1, 317, 263, 377]];
   const run = async (kvBudget: number) => {
-    const engine = await ServingEngine.create(ctx, source, {
+    const engine = await inferenceEngine(source, {
       maxSeqs: 4,
       maxContext: 160,
-      maxTokens: 32,
+      maxTokensPerStep: 32,
       kvBudget,
     });
     const outputs = await Promise.all(
       prompts.map((prompt) =>
-        engine.generate(prompt, {
+        engine.generate({
+          prompt,
           maxTokens: 150,
           sampling: { temperature: 0, topK: 0, topP: 1, seed: 0 },
-          eosIds: [],
+          ignoreEos: true,
         })
       ),
     );
     engine.blockManager.checkIntegrity();
     ok(engine.blockManager.stats().used === 0, "every block is released after the requests finish");
-    engine.destroy();
+    await engine.close();
     return outputs;
   };
   const exact = await run(0);

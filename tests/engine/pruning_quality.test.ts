@@ -14,8 +14,8 @@
 import { ok, strictEqual } from "node:assert/strict";
 import { openModel } from "../../src/engine/model/open_model.ts";
 import { ModelRunner } from "../../src/engine/runner/model_runner.ts";
-import { ServingEngine } from "../../src/host/serving_engine.ts";
 import { scoreWithPruning } from "../../src/host/pruning_eval.ts";
+import { inferenceEngine } from "../helpers/engine.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
@@ -28,17 +28,18 @@ Deno.test({
 }, async () => {
   const ctx = await testContext();
   const source = await openModel(MODEL_DIR);
-  const engine = await ServingEngine.create(ctx, source, {
+  const engine = await inferenceEngine(source, {
     maxSeqs: 1,
     maxContext: LENGTH,
-    maxTokens: 16,
+    maxTokensPerStep: 16,
   });
-  const sampled = await engine.generate([source.config.bosTokenId!], {
+  const sampled = await engine.generate({
+    prompt: [source.config.bosTokenId!],
     maxTokens: LENGTH - 1,
     sampling: { temperature: 1, topK: 0, topP: 1, seed: 7 },
-    eosIds: [],
+    ignoreEos: true,
   });
-  engine.destroy();
+  await engine.close();
   const text = [...sampled.promptTokens, ...sampled.tokens];
   strictEqual(text.length, LENGTH);
 

@@ -6,7 +6,7 @@ import {
   PREFILL_TILE_Q,
 } from "../../src/engine/kernels/attention.ts";
 import { createInvFreqUniform, RopeKvWrite } from "../../src/engine/kernels/rope_kv_write.ts";
-import { attention, ropeQkv } from "../../src/engine/reference/attention.ts";
+import { attention, ropeQkv } from "../reference/attention.ts";
 import {
   createUniform,
   packUniform,

@@ -1,6 +1,6 @@
 import { AttentionMass, packAttentionMassParams } from "../../src/engine/kernels/attention_mass.ts";
 import type { AttentionShape } from "../../src/engine/kernels/attention.ts";
-import { attentionMassReference, type MassChunk } from "../../src/engine/reference/kv_pruning.ts";
+import { attentionMassReference, type MassChunk } from "../reference/kv_pruning_kernels.ts";
 import { createUniform, readF32, uploadStorage } from "../../src/engine/gpu/buffers.ts";
 import { runPass } from "../../src/engine/gpu/kernel.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";

@@ -7,8 +7,8 @@ import {
   attentionTrainBackward,
   attentionTrainForward,
   qkvStride,
-} from "../../src/engine/reference/attention_train.ts";
-import type { HeadLayout } from "../../src/engine/reference/attention.ts";
+} from "../reference/attention_train.ts";
+import type { HeadLayout } from "../reference/attention.ts";
 import {
   createStorage,
   createUniform,

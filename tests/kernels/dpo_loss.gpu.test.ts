@@ -1,5 +1,5 @@
 import { DPO_OUT_FLOATS, DpoLoss, dpoLossParams } from "../../src/engine/kernels/dpo_loss.ts";
-import { dpoLoss } from "../../src/engine/reference/optim.ts";
+import { dpoLoss } from "../reference/optim.ts";
 import {
   createStorage,
   createUniform,

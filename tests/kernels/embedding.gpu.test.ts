@@ -1,6 +1,6 @@
 import { Embedding } from "../../src/engine/kernels/embedding.ts";
 import { packF16Rows, unpackF16Rows } from "../../src/engine/kernels/f16_pack.ts";
-import { embeddingGather } from "../../src/engine/reference/elementwise.ts";
+import { embeddingGather } from "../reference/elementwise.ts";
 import {
   createUniform,
   packUniform,

@@ -1,5 +1,5 @@
 import { FinalNorm } from "../../src/engine/kernels/final_norm.ts";
-import { finalNorm } from "../../src/engine/reference/final_norm.ts";
+import { finalNorm } from "../reference/final_norm.ts";
 import {
   createStorage,
   createUniform,

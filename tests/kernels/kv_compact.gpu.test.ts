@@ -1,5 +1,5 @@
 import { KvCompact, type KvCompactShape } from "../../src/engine/kernels/kv_compact.ts";
-import { kvCompactReference } from "../../src/engine/reference/kv_pruning.ts";
+import { kvCompactReference } from "../reference/kv_pruning_kernels.ts";
 import {
   createUniform,
   packUniform,

@@ -1,5 +1,5 @@
 import { LoraExpand, LoraShrink, NO_ADAPTER_SLOT } from "../../src/engine/kernels/lora.ts";
-import { loraExpand, loraShrink } from "../../src/engine/reference/lora.ts";
+import { loraExpand, loraShrink } from "../reference/lora.ts";
 import {
   createUniform,
   packUniform,
@@ -21,7 +21,9 @@ interface Case {
   xOffset: number;
   yStride: number;
   yOffset: number;
-  /** Rows come in runs of this many on one slot (a prefill chunk); default: each row its own draw. */
+  /**
+   * Rows come in runs of this many on one slot (a prefill chunk); default: each row its own draw.
+   */
   run?: number;
 }
 

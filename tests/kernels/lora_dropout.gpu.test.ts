@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { LoraDropout } from "../../src/engine/kernels/lora_dropout.ts";
-import { dropoutKeeps, loraDropout } from "../../src/engine/reference/dropout.ts";
+import { dropoutKeeps, loraDropout } from "../reference/dropout.ts";
 import {
   createUniform,
   packUniform,
@@ -91,7 +91,7 @@ for (const c of CASES) {
   );
 }
 
-Deno.test("dropout mask: drop rate near p, deterministic per (seed, stream), different across streams", () => {
+Deno.test("dropout mask: rate near p, fixed per (seed, stream), differs across streams", () => {
   const rows = 100, cols = 200, p = 0.25;
   let dropped = 0, differs = 0;
   for (let r = 0; r < rows; r++) {

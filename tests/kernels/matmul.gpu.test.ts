@@ -1,7 +1,7 @@
 import { deepStrictEqual } from "node:assert";
 import { type LinearOptions, MatMul, matvecMaxRows } from "../../src/engine/kernels/matmul.ts";
 import { packF16Rows, unpackF16Rows } from "../../src/engine/kernels/f16_pack.ts";
-import { linear } from "../../src/engine/reference/matmul.ts";
+import { linear } from "../reference/matmul.ts";
 import {
   createStorage,
   createUniform,
@@ -31,7 +31,9 @@ function effectiveWeight(w: Float32Array, o: LinearOptions): Float32Array {
   return unpackF16Rows(packF16Rows(w, o.outFeatures, o.inFeatures), o.outFeatures, o.inFeatures);
 }
 
-/** y0 with the layer's columns of rows [0, rows) written (or added), as the kernel should leave y. */
+/**
+ * y0 with the layer's columns of rows [0, rows) written (or added), as the kernel should leave y.
+ */
 function expectedY(
   o: LinearOptions,
   rows: number,

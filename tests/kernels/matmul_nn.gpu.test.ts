@@ -1,6 +1,6 @@
 import { MatMulNN, type MatMulNNOptions } from "../../src/engine/kernels/matmul_nn.ts";
 import { packF16Rows, unpackF16Rows } from "../../src/engine/kernels/f16_pack.ts";
-import { matmulNN } from "../../src/engine/reference/matmul_backward.ts";
+import { matmulNN } from "../reference/matmul_backward.ts";
 import {
   createStorage,
   createUniform,
@@ -34,7 +34,9 @@ function effectiveWeight(w: Float32Array, o: MatMulNNOptions): Float32Array {
   return unpackF16Rows(packF16Rows(w, o.n, o.k), o.n, o.k);
 }
 
-/** y0 with the product's window of rows [0, rows) written (or added), as the kernel should leave y. */
+/**
+ * y0 with the product's window of rows [0, rows) written (or added), as the kernel should leave y.
+ */
 function expectedY(
   o: MatMulNNOptions,
   rows: number,

@@ -1,5 +1,5 @@
 import { MatMulTN, type MatMulTNOptions } from "../../src/engine/kernels/matmul_tn.ts";
-import { matmulTN } from "../../src/engine/reference/matmul_backward.ts";
+import { matmulTN } from "../reference/matmul_backward.ts";
 import {
   createStorage,
   createUniform,
@@ -45,7 +45,9 @@ async function hardwareTuned(): Promise<GpuContext> {
   return { ...(await testContext()), isSoftware: false };
 }
 
-/** Runs one configuration for each row count on random p, q and c and compares with the reference. */
+/**
+ * Runs one configuration for each row count on random p, q and c and compares with the reference.
+ */
 async function check(
   ctx: GpuContext,
   o: MatMulTNOptions,

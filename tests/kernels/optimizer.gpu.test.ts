@@ -6,7 +6,7 @@ import {
   gradSquareSum,
   type OptimizerState,
   sgdStep,
-} from "../../src/engine/reference/optim.ts";
+} from "../reference/optim.ts";
 import {
   createStorage,
   createUniform,

@@ -1,5 +1,5 @@
 import { RmsNorm } from "../../src/engine/kernels/rms_norm.ts";
-import { rmsNorm } from "../../src/engine/reference/ops.ts";
+import { rmsNorm } from "../reference/ops.ts";
 import {
   createStorage,
   createUniform,

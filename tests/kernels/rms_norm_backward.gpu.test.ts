@@ -1,6 +1,6 @@
 import { RmsNormBackward } from "../../src/engine/kernels/rms_norm_backward.ts";
-import { rmsNorm } from "../../src/engine/reference/ops.ts";
-import { rmsNormBackward } from "../../src/engine/reference/training_ops.ts";
+import { rmsNorm } from "../reference/ops.ts";
+import { rmsNormBackward } from "../reference/training_ops.ts";
 import {
   createUniform,
   packUniform,

@@ -1,6 +1,6 @@
 import { createInvFreqUniform, Rope, type RopeOptions } from "../../src/engine/kernels/rope.ts";
 import { RopeKvWrite } from "../../src/engine/kernels/rope_kv_write.ts";
-import { ropeRows } from "../../src/engine/reference/training_ops.ts";
+import { ropeRows } from "../reference/training_ops.ts";
 import { type ModelConfig, ropeInvFreq } from "../../src/engine/model/config.ts";
 import { LLAMA32_1B, randomModelConfig } from "../../src/engine/model/random_model.ts";
 import {

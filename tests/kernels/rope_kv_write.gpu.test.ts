@@ -1,5 +1,5 @@
 import { createInvFreqUniform, RopeKvWrite } from "../../src/engine/kernels/rope_kv_write.ts";
-import { ropeQkv } from "../../src/engine/reference/attention.ts";
+import { ropeQkv } from "../reference/attention.ts";
 import {
   createStorage,
   createUniform,

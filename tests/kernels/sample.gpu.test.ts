@@ -1,13 +1,12 @@
 import assert from "node:assert/strict";
-import { packSamplingParams, Sampler } from "../../src/engine/kernels/sample.ts";
+import { packSamplingParams, Sampler, type SamplingRow } from "../../src/engine/kernels/sample.ts";
 import {
   greedyToken,
   keepSet,
   sampleToken,
   sampleTokens,
-  type SamplingOptions,
   samplingUniform,
-} from "../../src/engine/reference/sampling.ts";
+} from "../reference/sampling.ts";
 import { InvalidRequestError } from "../../src/engine/errors.ts";
 import {
   createStorage,
@@ -32,7 +31,7 @@ const BOUNDARY_MARGIN = 1e-5;
 async function sample(
   ctx: GpuContext,
   logits: Float32Array,
-  rows: readonly SamplingOptions[],
+  rows: readonly SamplingRow[],
   threads?: number,
 ): Promise<Uint32Array> {
   const vocab = logits.length / rows.length;
@@ -48,7 +47,7 @@ async function sample(
   return await readU32(ctx, tokens, rows.length);
 }
 
-const GREEDY: SamplingOptions = { temperature: 0, topK: 0, topP: 1, seed: 0, counter: 0 };
+const GREEDY: SamplingRow = { temperature: 0, topK: 0, topP: 1, seed: 0, counter: 0 };
 
 /** Logits rounded to multiples of `step`: many exact ties, also at top-k/top-p cuts. */
 function quantised(n: number, seed: number, std: number, step: number): Float32Array {
@@ -98,7 +97,7 @@ Deno.test({ name: "sample: topK=1 equals greedy at any temperature", ...gpuTest 
 });
 
 /** The nearest options (lower topP, then next counters) whose draw is away from boundaries. */
-function awayFromBoundaries(logits: Float32Array, options: SamplingOptions): SamplingOptions {
+function awayFromBoundaries(logits: Float32Array, options: SamplingRow): SamplingRow {
   let moved = { ...options };
   while (moved.temperature > 0 && keepSet(logits, moved).margin < BOUNDARY_MARGIN) {
     moved = { ...moved, topP: moved.topP - 0.001 };
@@ -113,7 +112,7 @@ function awayFromBoundaries(logits: Float32Array, options: SamplingOptions): Sam
  * Rows covering temperature x topK x topP, with seeds and counters from a seeded
  * stream, each moved away from float32-vs-float64 boundaries.
  */
-function referenceRows(logits: Float32Array, vocab: number, seed: number): SamplingOptions[] {
+function referenceRows(logits: Float32Array, vocab: number, seed: number): SamplingRow[] {
   const next = rng(seed);
   const temperatures = [0.3, 0.7, 1, 1.8];
   const topKs = [0, 2, 5, 40, vocab - 1, vocab];
@@ -171,7 +170,7 @@ for (const [vocab, count, threadOptions] of referenceCases) {
  */
 async function checkFrequencies(
   logits: number[],
-  options: Omit<SamplingOptions, "counter">,
+  options: Omit<SamplingRow, "counter">,
   degreesOfFreedom: number,
   critical: number,
 ) {
@@ -214,7 +213,8 @@ Deno.test({
 
 Deno.test({
   name:
-    "sample: 2000 draws follow the top-k/top-p renormalised distribution (chi-square, df 3, p 0.001)",
+    "sample: 2000 draws follow the top-k/top-p renormalised distribution (chi-square, df 3, p " +
+    "0.001)",
   ...gpuTest,
 }, async () => {
   // topK 6 drops token 5; at T 0.9 the first four of the rest (indices 4, 0, 6, 1)
@@ -270,7 +270,7 @@ Deno.test({
   for (let s = 0; s < batch; s++) {
     logits.set(s % 2 ? quantised(vocab, 70 + s, 2, 0.5) : randn(vocab, 70 + s, 2), s * vocab);
   }
-  const rows: SamplingOptions[] = [
+  const rows: SamplingRow[] = [
     { temperature: 1, topK: 0, topP: 1, seed: 1, counter: 0 },
     { temperature: 0.8, topK: 50, topP: 1, seed: 2, counter: 17 },
     { temperature: 1.2, topK: 0, topP: 0.9, seed: 3, counter: 4 },
@@ -308,7 +308,7 @@ Deno.test("packSamplingParams: 32-byte rows in WGSL field order, bad values reje
   assert.equal(view.getUint32(16, true), 7);
   assert.equal(view.getFloat32(32 + 8, true), 1, "topP above 1 means no limit");
   const ok = { temperature: 1, topK: 0, topP: 1, seed: 0, counter: 0 };
-  const bads: Partial<SamplingOptions>[] = [
+  const bads: Partial<SamplingRow>[] = [
     { temperature: NaN },
     { topK: -1 },
     { topK: 1.5 },

@@ -1,5 +1,5 @@
 import { SwiGlu } from "../../src/engine/kernels/swiglu.ts";
-import { swiglu } from "../../src/engine/reference/elementwise.ts";
+import { swiglu } from "../reference/elementwise.ts";
 import {
   createUniform,
   packUniform,

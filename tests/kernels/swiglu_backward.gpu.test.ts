@@ -1,6 +1,6 @@
 import { SwiGluBackward } from "../../src/engine/kernels/swiglu_backward.ts";
-import { swiglu } from "../../src/engine/reference/elementwise.ts";
-import { swigluBackward } from "../../src/engine/reference/training_ops.ts";
+import { swiglu } from "../reference/elementwise.ts";
+import { swigluBackward } from "../reference/training_ops.ts";
 import {
   createUniform,
   packUniform,

@@ -1,5 +1,5 @@
 import { TokenFeedback } from "../../src/engine/kernels/token_feedback.ts";
-import { tokenFeedback } from "../../src/engine/reference/elementwise.ts";
+import { tokenFeedback } from "../reference/elementwise.ts";
 import {
   createUniform,
   packUniform,

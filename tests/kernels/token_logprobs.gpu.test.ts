@@ -1,5 +1,5 @@
 import { TokenLogprobs } from "../../src/engine/kernels/token_logprobs.ts";
-import { tokenLogprobs, tokenLogprobsBackward } from "../../src/engine/reference/training_ops.ts";
+import { tokenLogprobs, tokenLogprobsBackward } from "../reference/training_ops.ts";
 import {
   createUniform,
   packUniform,

@@ -103,7 +103,7 @@ Deno.test("config: bundled stories260K config.json", async () => {
   assert.equal(parameterCount(c), 260032);
 });
 
-Deno.test("config: Llama-3.2-1B-Instruct (explicit head_dim, eos list, llama3 rope scaling)", () => {
+Deno.test("config: Llama-3.2-1B-Instruct (head_dim given, eos list, llama3 rope scaling)", () => {
   const c = parseHfConfig(LLAMA32_1B_INSTRUCT, "c.json");
   assert.equal(c.headDim, 64);
   assert.deepEqual(c.eosTokenIds, [128001, 128008, 128009]);
@@ -147,7 +147,7 @@ Deno.test("config: Qwen2.5-0.5B-Instruct (biases, tie from config, defaults)", (
   assert.deepEqual(parseHfConfig(hfConfigJson(c), "x"), c);
 });
 
-Deno.test("config: defaults (num_key_value_heads = heads, head_dim = hidden/heads, llama bos/eos)", () => {
+Deno.test("config: defaults (kv heads = heads, head_dim = hidden/heads, llama bos/eos)", () => {
   const c = parseHfConfig({
     architectures: ["LlamaForCausalLM"],
     hidden_size: 96,

@@ -26,7 +26,10 @@ export function rawSafetensors(
   return out;
 }
 
-/** Asserts that `promise` rejects with a ModelFormatError for `file` (and `tensor`), message matching `pattern`. */
+/**
+ * Asserts that `promise` rejects with a ModelFormatError for `file` (and `tensor`), message
+ * matching `pattern`.
+ */
 export async function assertModelError(
   promise: Promise<unknown>,
   expected: { file: string | RegExp; tensor?: string; pattern: RegExp },

@@ -18,7 +18,7 @@ async function bundledHf() {
   return out;
 }
 
-Deno.test("llama2c: stories260K.bin streams the bundled HF tensors (q/k permuted to rotate_half)", async () => {
+Deno.test("llama2c: stories260K.bin streams the bundled HF tensors (q/k permuted)", async () => {
   const source = await openModel(`${DIR}/stories260K.bin`);
   assert.equal(source.llama2cTokenizerPath, `${DIR}/tok512.bin`);
   assert.equal(source.tokenizerDir, null);
@@ -35,7 +35,7 @@ Deno.test("llama2c: stories260K.bin streams the bundled HF tensors (q/k permuted
   }
 });
 
-Deno.test("convert: stories260K.bin + tok512.bin -> HF folder equal to the bundled one", async () => {
+Deno.test("convert: stories260K.bin + tok512.bin -> the bundled HF folder", async () => {
   await withTempDir(async (out) => {
     await convertLlama2cToHf(`${DIR}/stories260K.bin`, `${DIR}/tok512.bin`, out);
     // Same tensor names, order, shapes and dtypes; values within 1e-6.
@@ -136,7 +136,7 @@ function checkpoint(header: number[], floats: number): Uint8Array {
   return out;
 }
 
-Deno.test("llama2c: negative vocab_size means an untied classifier (lm_head streamed last)", async () => {
+Deno.test("llama2c: negative vocab_size: untied classifier (lm_head streamed last)", async () => {
   // dim 8, hidden 12, 1 layer, 2 heads, 1 kv head, vocab -10, seq_len 6; hd 4.
   const [D, I, V, S, hd] = [8, 12, 10, 6, 4];
   const n = V * D + D + D * D + 2 * (hd * D) + D * D + D + 3 * D * I + D + 2 * S * (hd / 2) + V * D;

@@ -8,11 +8,7 @@ import assert from "node:assert/strict";
 import { InvalidRequestError, ModelFormatError } from "../../src/engine/errors.ts";
 import { ropeInvFreq } from "../../src/engine/model/config.ts";
 import { openModel } from "../../src/engine/model/open_model.ts";
-import {
-  greedyReference,
-  type ReferenceConfig,
-  ReferenceModel,
-} from "../../src/engine/reference/llama.ts";
+import { greedyReference, type ReferenceConfig, ReferenceModel } from "./llama.ts";
 import { loadTokenizerDir } from "../../src/engine/tokenizer/tokenizer.ts";
 import { randInts, randn } from "../helpers/random.ts";
 import { assertClose } from "../helpers/tolerance.ts";
@@ -144,7 +140,7 @@ Deno.test("Qwen2-style model (biases, untied head, GQA 3:1): incremental equals 
   );
 });
 
-Deno.test("zero q/k/v biases equal no biases; an untied head equal to the embeddings equals tying", () => {
+Deno.test("zero q/k/v biases equal none; an untied head equal to the embeddings ties", () => {
   const weights = tinyWeights(TINY, 2);
   const zeroBias = new Map(weights);
   for (const name of weights.keys()) {

@@ -13,7 +13,7 @@ import {
   type LoraWeights,
   targetModule,
 } from "../../src/engine/lora/lora.ts";
-import { type ReferenceConfig, ReferenceModel } from "../../src/engine/reference/llama.ts";
+import { type ReferenceConfig, ReferenceModel } from "./llama.ts";
 import {
   type Adapter,
   dpoLossAndGrad,
@@ -21,7 +21,7 @@ import {
   perturbAdapter,
   type PreferencePair,
   sequenceLogprob,
-} from "../../src/engine/reference/lora_dpo.ts";
+} from "./lora_dpo.ts";
 import { randInts, randn, rng } from "../helpers/random.ts";
 
 type Weights = Map<string, Float32Array | Float64Array>;

@@ -54,9 +54,9 @@ Deno.test("block manager: allocation hands out the lowest free ids", () => {
   bm.free(1); // nothing committed, so nothing is cached
   assert.deepEqual(counts(bm), { free: 6, used: 2, cached: 0 });
   assert.deepEqual(bm.allocate(3, range(300, 4))?.blockTable, [0]);
-  assert.deepEqual(bm.appendSlots(3, 1), { copies: [] });
+  assert.equal(bm.appendSlots(3, 1), true);
   assert.deepEqual(bm.blockTable(3), [0, 1]);
-  assert.deepEqual(bm.appendSlots(3, 6), { copies: [] }, "11 slots in 3 blocks");
+  assert.equal(bm.appendSlots(3, 6), true, "11 slots in 3 blocks");
   assert.deepEqual(bm.blockTable(3), [0, 1, 2]);
 });
 
@@ -113,70 +113,7 @@ Deno.test("block manager: a one-token prompt always computes its token", () => {
   assert.deepEqual(bm.allocate(3, [5, 6]), { numCached: 1, blockTable: [0, 2] });
 });
 
-Deno.test("block manager: fork shares every block; the first writer copies the shared partial block", () => {
-  const bm = checked();
-  const p = range(100, 6);
-  bm.allocate(1, p);
-  bm.commitTokens(1, p);
-  bm.fork(1, 2);
-  assert.deepEqual(bm.blockTable(2), [0, 1]);
-  assert.deepEqual(refs(bm, [0, 1]), [2, 2]);
-
-  // Child writes position 6 in shared, half-full block 1: copy it first.
-  assert.deepEqual(bm.appendSlots(2, 1), { copies: [{ src: 1, dst: 2 }] });
-  assert.deepEqual(bm.blockTable(2), [0, 2]);
-  assert.deepEqual(refs(bm, [0, 1, 2]), [2, 1, 1]);
-  // The parent is now block 1's only holder and writes in place.
-  assert.deepEqual(bm.appendSlots(1, 1), { copies: [] });
-  assert.deepEqual(bm.blockTable(1), [0, 1]);
-
-  bm.commitTokens(1, [60]);
-  bm.commitTokens(2, [50]);
-  bm.appendSlots(1, 1);
-  bm.appendSlots(2, 1);
-  bm.commitTokens(1, [61]); // block 1 = [104, 105, 60, 61] enters the trie
-  bm.commitTokens(2, [51]); // block 2 = [104, 105, 50, 51], a sibling
-  bm.free(1);
-  bm.free(2);
-  assert.deepEqual(counts(bm), { free: 5, used: 0, cached: 3 });
-  assert.deepEqual(bm.allocate(3, [...p, 50, 51, 9]), { numCached: 8, blockTable: [0, 2, 3] });
-});
-
-Deno.test("block manager: two forks that sample the same tokens end up sharing one block", () => {
-  const bm = checked();
-  const p = range(100, 6);
-  bm.allocate(1, p);
-  bm.commitTokens(1, p);
-  bm.fork(1, 2);
-  assert.deepEqual(bm.appendSlots(1, 2), { copies: [{ src: 1, dst: 2 }] });
-  assert.deepEqual(bm.appendSlots(2, 2), { copies: [] });
-  bm.commitTokens(1, [7, 8]); // block 2 enters the trie
-  bm.commitTokens(2, [7, 8]); // block 1 has the same path: seq 2 switches to block 2
-  assert.deepEqual(bm.blockTable(1), [0, 2]);
-  assert.deepEqual(bm.blockTable(2), [0, 2]);
-  assert.deepEqual(refs(bm, [0, 1, 2]), [2, 0, 2]);
-  assert.deepEqual(counts(bm), { free: 6, used: 2, cached: 0 });
-});
-
-Deno.test("block manager: no copy when the fork is at a block boundary or the sharer is gone", () => {
-  const bm = checked();
-  const p = range(100, 8);
-  bm.allocate(1, p);
-  bm.commitTokens(1, p);
-  bm.fork(1, 2);
-  assert.deepEqual(bm.appendSlots(2, 1), { copies: [] }, "full blocks are never written");
-  assert.deepEqual(bm.blockTable(2), [0, 1, 2]);
-  assert.deepEqual(bm.appendSlots(1, 1), { copies: [] });
-  assert.deepEqual(bm.blockTable(1), [0, 1, 3]);
-  bm.commitTokens(2, [9]);
-  bm.fork(2, 3);
-  assert.equal(bm.refCount(2), 2);
-  bm.free(2);
-  assert.deepEqual(bm.appendSlots(3, 1), { copies: [] }, "seq 3 holds block 2 alone now");
-  assert.deepEqual(bm.blockTable(3), [0, 1, 2]);
-});
-
-Deno.test("block manager: eviction is least recently used first, leaves before their parents", () => {
+Deno.test("block manager: eviction is least recently used first, leaves before parents", () => {
   const bm = checked({ numBlocks: 6, blockSize: 2 });
   for (const [seqId, prompt] of [[1, [1, 2, 3, 4]], [2, [5, 6, 7, 8]], [3, [9, 10, 11, 12]]]) {
     bm.allocate(seqId as number, prompt as number[]);
@@ -207,7 +144,7 @@ Deno.test("block manager: using a prefix again protects it from eviction", () =>
   assert.deepEqual(bm.evict(4), [2, 1, 0]);
 });
 
-Deno.test("block manager: a full pool returns null without side effects; preemption makes room", () => {
+Deno.test("block manager: a full pool returns null, changing nothing; preemption helps", () => {
   const bm = checked({ numBlocks: 4 });
   const a = range(100, 12);
   bm.allocate(1, a);
@@ -223,15 +160,15 @@ Deno.test("block manager: a full pool returns null without side effects; preempt
   bm.free(1); // preempt seq 1: its three full blocks stay cached
   assert.equal(bm.numAvailableBlocks(), 4);
   assert.deepEqual(bm.allocate(2, b), { numCached: 8, blockTable: [0, 1, 2, 3] });
-  assert.deepEqual(bm.appendSlots(2, 3), { copies: [] }, "16 slots fill the pool exactly");
+  assert.equal(bm.appendSlots(2, 3), true, "16 slots fill the pool exactly");
 
   const full = checked({ numBlocks: 4 });
   full.allocate(1, range(0, 8));
   full.allocate(2, range(0, 8));
-  assert.equal(full.appendSlots(1, 1), null);
+  assert.equal(full.appendSlots(1, 1), false);
   assert.deepEqual(full.blockTable(1), [0, 1], "a refused append changes nothing");
   full.free(2);
-  assert.deepEqual(full.appendSlots(1, 1), { copies: [] });
+  assert.equal(full.appendSlots(1, 1), true);
   assert.deepEqual(full.blockTable(1), [0, 1, 2]);
 });
 
@@ -281,11 +218,7 @@ Deno.test("block manager: calls out of contract are usage errors", () => {
   assert.throws(() => bm.appendSlots(1, 0), usage);
   assert.throws(() => bm.commitTokens(1, range(0, 6)), /exceeds its 5 reserved slots/);
   assert.throws(() => bm.commitTokens(1, [0, 1, 99]), /token 99 at position 2 differs/);
-  bm.commitTokens(1, range(0, 4));
-  assert.throws(() => bm.fork(1, 2), /1 appended but uncommitted slots/);
-  bm.commitTokens(1, [4]);
-  bm.fork(1, 2);
-  assert.throws(() => bm.fork(1, 2), usage);
+  bm.commitTokens(1, range(0, 5));
   assert.throws(() => bm.refCount(8), usage);
   assert.throws(
     () => new BlockManager({ numBlocks: 0, blockSize: 4, enablePrefixCaching: true }),
@@ -332,12 +265,12 @@ Deno.test("block manager: checkIntegrity names the broken invariant", () => {
 
 /**
  * Randomized property test. A fake KV pool stores, per block slot, the token
- * whose K/V the "engine" wrote there; block copies and writes follow the
- * manager's answers. After every operation: checkIntegrity(), ref counts equal
- * the number of tables holding each block, every live sequence reads back
- * exactly its committed tokens through its block table (so no block was
- * reused, evicted or shared wrongly), and no write lands in a block another
- * sequence also holds.
+ * whose K/V the "engine" wrote there; writes, and a prune's block copies and
+ * slot moves, follow the manager's answers. After every operation:
+ * checkIntegrity(), ref counts equal the number of tables holding each block,
+ * every live sequence reads back exactly its committed tokens through its block
+ * table (so no block was reused, evicted or shared wrongly), and no write or
+ * move lands in a block another sequence also holds.
  */
 function runRandomOps(options: BlockManagerOptions, seed: number, steps: number) {
   const B = options.blockSize;
@@ -351,7 +284,7 @@ function runRandomOps(options: BlockManagerOptions, seed: number, steps: number)
   const bm = new BlockManager(options);
   const kvPool = new Map<number, number[]>();
   const live = new Map<number, { prompt: number[]; committed: number[]; slots: number }>();
-  const seen = { nulls: 0, copies: 0, evicted: 0, forks: 0 };
+  const seen = { nulls: 0, copies: 0, evicted: 0, prunes: 0 };
   let nextSeqId = 0;
 
   const poison = (blocks: number[]) => blocks.forEach((b) => kvPool.set(b, Array(B).fill(-1)));
@@ -408,29 +341,42 @@ function runRandomOps(options: BlockManagerOptions, seed: number, steps: number)
         live.delete(seqId);
       } else {
         const before = bm.blockTable(seqId).length;
-        const got = bm.appendSlots(seqId, 1);
-        if (got === null) {
+        if (!bm.appendSlots(seqId, 1)) {
           preempt();
         } else {
-          const table = bm.blockTable(seqId);
-          poison([...table.slice(before), ...got.copies.map((c) => c.dst)]);
-          for (const { src, dst } of got.copies) {
-            assert.ok(bm.refCount(src) >= 1, "a copy's source is still held by its sharers");
-            kvPool.set(dst, [...kvPool.get(src)!]);
-            seen.copies++;
-          }
+          poison(bm.blockTable(seqId).slice(before));
           seq.slots++;
           write(seqId, [int(3)]); // one decode token
         }
       }
     } else if (r < 0.7) {
-      const parentId = pick();
-      const parent = live.get(parentId)!;
-      if (parent.committed.length === parent.slots) {
-        const childId = nextSeqId++;
-        bm.fork(parentId, childId);
-        live.set(childId, { ...parent, committed: [...parent.committed] });
-        seen.forks++;
+      const seqId = pick();
+      const seq = live.get(seqId)!;
+      if (seq.committed.length === seq.slots && seq.committed.length >= seq.prompt.length) {
+        // Prune to a random non-empty subset of the slots (H2O-style compaction).
+        const keep = range(0, seq.slots).filter(() => rand() < 0.6);
+        if (keep.length === 0) keep.push(seq.slots - 1);
+        const edit = bm.prune(seqId, keep);
+        if (edit === null) {
+          preempt();
+        } else {
+          for (const { src, dst } of edit.copies) kvPool.set(dst, [...kvPool.get(src)!]);
+          const table = bm.blockTable(seqId);
+          // Every move reads the contents from before any move.
+          const read = (slot: number) => kvPool.get(Math.floor(slot / B))![slot % B];
+          const values = edit.moves.map(([src]) => read(src));
+          edit.moves.forEach(([, dst], i) => {
+            const block = Math.floor(dst / B);
+            assert.ok(table.includes(block), `seq ${seqId} moves into block ${block} it lacks`);
+            assert.equal(holders(block), 1, `seq ${seqId} moves into block ${block} others hold`);
+            kvPool.get(block)![dst % B] = values[i];
+          });
+          seq.committed = keep.map((slot) => seq.committed[slot]);
+          seq.slots = keep.length;
+          seq.prompt = []; // nothing is left to prefill; new tokens are decodes
+          seen.copies += edit.copies.length;
+          seen.prunes++;
+        }
       }
     } else if (r < 0.85) {
       const seqId = pick();
@@ -478,21 +424,21 @@ for (
       const { stats, seen } = runRandomOps(options, seed, 3000);
       // The run must have exercised the interesting paths, not just passed.
       assert.ok(seen.nulls > 0, "the pool ran full and sequences were preempted");
-      // With one-token blocks no block is ever partial, so nothing is copied.
-      if (options.blockSize > 1) assert.ok(seen.copies > 0, "copy-on-write happened");
-      else assert.equal(seen.copies, 0);
-      assert.ok(seen.forks > 0, "forks happened");
+      assert.ok(seen.prunes > 0, "prunes happened");
       if (options.enablePrefixCaching) {
+        // Only the trie shares blocks: a prune copies the shared or cached ones it writes into.
+        assert.ok(seen.copies > 0, "prunes copied shared blocks");
         assert.ok(stats.hitRate > 0, "prefix hits happened");
         assert.ok(seen.evicted > 0, "explicit evictions happened");
       } else {
         assert.equal(stats.prefixHitTokens, 0);
+        assert.equal(seen.copies, 0);
       }
     }
   });
 }
 
-Deno.test("block manager: prune compacts kept slots, copies shared blocks first, releases the tail", () => {
+Deno.test("block manager: prune compacts, copies shared blocks first, frees the tail", () => {
   const bm = checked({ numBlocks: 10 });
   // Sequence 1: 12 committed tokens in blocks [0, 1, 2]; all three enter the trie.
   bm.allocate(1, range(100, 12));
@@ -518,14 +464,14 @@ Deno.test("block manager: prune compacts kept slots, copies shared blocks first,
   assert.deepEqual(refs(bm, [0, 1, 2, 3, 4, 5]), [1, 1, 0, 1, 1, 1]);
   assert.deepEqual(counts(bm), { free: 4, used: 5, cached: 1 });
   // The pruned sequence keeps growing (5 slots + 4) but adds nothing to the trie.
-  assert.deepEqual(bm.appendSlots(1, 4), { copies: [] });
+  assert.equal(bm.appendSlots(1, 4), true);
   bm.commitTokens(1, range(900, 4));
   assert.deepEqual(bm.blockTable(1), [4, 5, 6]);
   bm.free(1);
   assert.deepEqual(counts(bm), { free: 6, used: 3, cached: 1 });
 });
 
-Deno.test("block manager: prune of an unshared sequence moves in place; bad calls are usage errors", () => {
+Deno.test("block manager: prune of an unshared sequence moves in place; misuse throws", () => {
   const bm = checked({ enablePrefixCaching: false });
   bm.allocate(1, range(100, 7));
   assert.throws(() => bm.prune(1, [0, 1]), BlockManagerUsageError, "uncommitted slots");

@@ -22,7 +22,7 @@ function cache(bm: BlockManager, seqId: number, prompt: number[], adapter?: stri
   return numCached;
 }
 
-Deno.test("block manager: the same tokens on the base model and on adapters share no blocks", () => {
+Deno.test("block manager: the same tokens on the base model and adapters share no block", () => {
   const bm = manager();
   const prompt = range(10, 9); // two full blocks of 4
   assert.equal(cache(bm, 1, prompt), 0);
@@ -37,7 +37,7 @@ Deno.test("block manager: the same tokens on the base model and on adapters shar
   assert.equal(bm.stats().cached, 6);
 });
 
-Deno.test("block manager: sequences on different adapters committing the same blocks keep their own", () => {
+Deno.test("block manager: same blocks committed on different adapters stay separate", () => {
   const bm = manager();
   const prompt = range(10, 9);
   const base = bm.allocate(1, prompt)!.blockTable;

@@ -76,7 +76,7 @@ function plan(it: Iteration<null> | null) {
 Deno.test("mace sizes a prefill chunk to the TBT budget left by the running decode", () => {
   const s = setup("mace");
   s.add(0, 8, 5);
-  // Nothing decodes yet: the budget is one TBT SLO (50 ms): 10 + 0.2·8 ms fits, the whole prompt goes.
+  // Nothing decodes yet: the budget is one TBT SLO (50 ms): 10 + 0.2·8 ms fits the whole prompt.
   const first = s.scheduler.schedule(s.now())!;
   assert.deepEqual(plan(first), [[0, 8, true]]);
   assert.equal(first.predictedMs, 10 + 0.2 * 8);
@@ -102,7 +102,7 @@ Deno.test("fcfs takes the whole prompt in one step and blows the TBT budget", ()
   assert.ok(it.predictedMs > 50);
 });
 
-Deno.test("mace runs slices on an idle GPU and co-schedules them with decodes once they waited enough", () => {
+Deno.test("mace runs slices on an idle GPU, and beside decodes once they waited enough", () => {
   const s = setup("mace", { deltaFtMs: 1000 });
   s.scheduler.addFeedback([{ id: 0, tokens: 40, payload: null }], 0);
   // Idle GPU: the slice runs alone (reference of the one pair, layer 0 of 2: 5 + 0.05·40/2 = 6 ms).
@@ -157,7 +157,7 @@ Deno.test("δ_ft forces a slice in once fine-tuning has waited that long", () =>
   assert.ok(forcedAt < fedAt + 100 + 50, "within one iteration of δ_ft");
 });
 
-Deno.test("synchronous stops serving while its retraining job runs; periodic shares the GPU", () => {
+Deno.test("synchronous stops serving while its job runs; periodic shares the GPU", () => {
   for (const name of ["synchronous", "periodic"]) {
     const s = setup(name, { periodMs: 100, pairsPerStep: 2 });
     s.scheduler.addFeedback([{ id: 0, tokens: 20, payload: null }, {
@@ -178,7 +178,7 @@ Deno.test("synchronous stops serving while its retraining job runs; periodic sha
   }
 });
 
-Deno.test("inference-only never trains; the DPO-loss priority picks the highest-loss pairs first", () => {
+Deno.test("inference-only never trains; DPO-loss priority takes the highest-loss pairs", () => {
   const only = setup("inference-only");
   only.scheduler.addFeedback([{ id: 0, tokens: 20, payload: null }], 0);
   assert.equal(only.scheduler.schedule(0), null);

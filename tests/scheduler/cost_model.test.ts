@@ -108,7 +108,7 @@ function profileWith(coefficients: Record<Feature, number>): CostProfile {
   };
 }
 
-Deno.test("fitCoefficients recovers known coefficients from exact linear data over every feature", () => {
+Deno.test("fitCoefficients recovers known coefficients from exact data on every feature", () => {
   const samples: CostSample[] = randomShapes(120, 1).map((shape) => ({
     shape,
     ms: dot(shape, TRUTH),
@@ -122,7 +122,7 @@ Deno.test("fitCoefficients recovers known coefficients from exact linear data ov
   assertEachClose(fitCoefficients(samples, 1e-14), TRUTH, FEATURES, 1e-8);
 });
 
-Deno.test("fitCoefficients keeps every coefficient >= 0 and leaves unexercised features at 0", () => {
+Deno.test("fitCoefficients keeps coefficients >= 0, unexercised features at 0", () => {
   // A truth no device has (decodes that save time): the best non-negative fit puts 0 there.
   const odd = { ...TRUTH, decodeSeqs: -4 };
   const samples = randomShapes(90, 2).map((shape) => ({ shape, ms: dot(shape, odd) }));
@@ -142,7 +142,7 @@ Deno.test("fitCoefficients keeps every coefficient >= 0 and leaves unexercised f
   );
 });
 
-Deno.test("fitCoefficients minimizes relative error: a step measured at 20 and 30 ms is fitted at 300/13 ms", () => {
+Deno.test("fitCoefficients minimizes relative error: 20 and 30 ms fit at 300/13 ms", () => {
   // Σ ((p − y) / y)² is least at p = Σ(1/y) / Σ(1/y²) = (1/20 + 1/30) / (1/400 + 1/900) = 300/13;
   // absolute least squares would say 25.
   const decode: StepShape = { prefillTokens: 0, decodeSeqs: 1, attentionPairs: 0 };
@@ -156,7 +156,7 @@ Deno.test("fitCoefficients minimizes relative error: a step measured at 20 and 3
   assertClose([fit.iteration + 100 * fit.prefillTokens], [400], { rtol: 1e-9 }, "prefill step");
 });
 
-Deno.test("CostModel online follows a device that got slower; offline keeps the profile's error", () => {
+Deno.test("CostModel online follows a slower device; offline keeps the profile's error", () => {
   // The device is now 40% slower per token and has 6 ms more fixed cost per iteration.
   const slower: Record<Feature, number> = Object.fromEntries(
     FEATURES.map((f) => [f, f === "iteration" ? TRUTH[f] + 6 : TRUTH[f] * 1.4]),
@@ -197,7 +197,7 @@ Deno.test("CostModel online follows a device that got slower; offline keeps the 
   for (const v of Object.values(online.coefficients)) assert.ok(v >= 0);
 });
 
-Deno.test("CostModel: a long stretch without fine-tuning leaves its coefficients at the profile's", () => {
+Deno.test("CostModel: long without fine-tuning, its coefficients stay the profile's", () => {
   // Serving steps measured 10% slower than the profile: the serving coefficients move, the
   // fine-tuning ones (no data) must not drift, however long fine-tuning stays away.
   const model = new CostModel(profileWith(TRUTH));
@@ -214,7 +214,7 @@ Deno.test("CostModel: a long stretch without fine-tuning leaves its coefficients
   );
 });
 
-Deno.test("validateProfile accepts a valid profile and rejects each bad field with ProfileFormatError", () => {
+Deno.test("validateProfile accepts a valid profile; each bad field is a ProfileFormatError", () => {
   const good = profileWith(TRUTH);
   assert.equal(validateProfile(structuredClone(good), "good.json").model, "synthetic");
   const cases: [string, (p: Record<string, unknown>) => void, RegExp][] = [
@@ -316,7 +316,7 @@ Deno.test("shapeOfPlan counts prefill tokens, decodes and query-key pairs exactl
   assert.deepEqual(features(shapeOfPlan(null, ft)), [0, 0, 0, 0, 1, 0, 40, 0, 0, 0]);
 });
 
-Deno.test("finetuneShape for every slice kind; a pair's slices of each kind cover the depth once, one with the head", () => {
+Deno.test("finetuneShape: each kind's slices cover the depth once, one with the head", () => {
   // Whole-depth slices as the planner makes them (one slice per kind).
   const [reference, forward, backward, optimizer] = planDpoSlices([false], 5, 5);
   assert.deepEqual(finetuneShape(reference, 90, 5), {
@@ -384,7 +384,7 @@ Deno.test("finetuneShape for every slice kind; a pair's slices of each kind cove
   }
 });
 
-Deno.test("CostModel: after a long stretch without fine-tuning, one outlying slice moves its prediction little", () => {
+Deno.test("CostModel: after long without fine-tuning, an outlier slice moves it little", () => {
   // Fine-tuning seen regularly, then 1000 serving-only steps, then one forward slice measured at
   // twice its prediction: the profile keeps the weight of `priorWeight` typical slices, so the
   // slice's prediction moves a small share of the way, not (as with plain forgetting) most of it.

@@ -11,12 +11,12 @@ Deno.test("kv pruning: heavy hitters fill the budget between the sinks and the w
   assert.deepEqual(keep, [0, 1, 3, 7, 9, 12, 16, 17, 18, 19]);
 });
 
-Deno.test("kv pruning: without heavy hitters the rest of the budget is the most recent slots", () => {
+Deno.test("kv pruning: without heavy hitters the rest of the budget is the newest slots", () => {
   const keep = selectKeptSlots(20, 10, { sinks: 2, window: 4, heavyHitters: false }, score);
   assert.deepEqual(keep, [0, 1, 12, 13, 14, 15, 16, 17, 18, 19]);
 });
 
-Deno.test("kv pruning: a budget at or above the slot count keeps everything; too small a budget is an error", () => {
+Deno.test("kv pruning: a budget >= the slot count keeps all; too small a budget throws", () => {
   assert.deepEqual(selectKeptSlots(5, 8, { sinks: 2, window: 2, heavyHitters: true }, score), [
     0,
     1,
@@ -30,7 +30,7 @@ Deno.test("kv pruning: a budget at or above the slot count keeps everything; too
   );
 });
 
-Deno.test("kv pruning: the score is mass per query that saw the key, never dividing by zero", () => {
+Deno.test("kv pruning: the score is mass per query that saw the key, never x / 0", () => {
   assert.equal(meanAttentionMass(6, 3), 2);
   assert.equal(meanAttentionMass(0.5, 0), 0.5);
 });

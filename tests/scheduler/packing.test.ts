@@ -12,7 +12,7 @@ const fixed = (
   fit: () => ({ value: name, memBytes, timeMs }),
 });
 
-Deno.test("best fit: among the first `window` fitting tasks the smallest residual goes in first", () => {
+Deno.test("best fit: of the first `window` fitting tasks, the smallest residual goes in", () => {
   const tasks = [fixed("a", 3, 10, 10), fixed("b", 2, 10, 45), fixed("c", 1, 10, 50)];
   const cap = { memBytes: 100, timeMs: 50 };
   // window 2 sees a (residual time 40) and b (5): b first; then a does not fit (10 > 5); c neither.
@@ -38,7 +38,7 @@ Deno.test("best fit: among the first `window` fitting tasks the smallest residua
   );
 });
 
-Deno.test("property: packing never exceeds either capacity, and stops only when nothing fits", () => {
+Deno.test("property: packing never exceeds a capacity and stops only when nothing fits", () => {
   const random = rng(12345);
   for (let trial = 0; trial < 500; trial++) {
     const cap = { memBytes: 1 + random() * 1000, timeMs: 1 + random() * 100 };

@@ -77,7 +77,7 @@ Deno.test("trie: malformed inserts are integrity errors", () => {
   assert.throws(() => trie.insert(trie.root, [3, 4], 5, 1), /already in the trie/);
 });
 
-Deno.test("trie: eviction takes least recently used leaves, deeper first on ties, then lower id", () => {
+Deno.test("trie: eviction takes least recently used leaves; ties: deeper, then lower id", () => {
   const { trie, drain } = makeTrie();
   insertChain(trie, [1, 2, 3, 4, 5, 6], [0, 1, 2], 5); // one chain, all at clock 5
   insertChain(trie, [7, 8], [3], 3); // older

@@ -34,7 +34,7 @@ Deno.test("the same seed gives the same run; another seed another", () => {
   assert.notEqual(run(1), run(2));
 });
 
-Deno.test("every policy serves every request and keeps block and queue invariants after every step", () => {
+Deno.test("every policy serves every request, keeping block and queue invariants", () => {
   for (const name of POLICY_NAMES) {
     const arrivals = workload(3);
     const r = simulate({
@@ -75,7 +75,8 @@ Deno.test("mace properties hold at every iteration of randomized runs", () => {
     let longest = 0;
     for (const it of iterations) {
       longest = Math.max(longest, it.endMs - it.startMs);
-      // With exact predictions, a plan whose mandatory part meets the earliest TBT deadline meets it.
+      // With exact predictions, a plan whose mandatory part meets the earliest TBT deadline
+      // meets it.
       if (it.deadlineMs !== null && it.startMs + it.mandatoryMs <= it.deadlineMs) {
         assert.ok(
           it.endMs <= it.deadlineMs + 1e-6,

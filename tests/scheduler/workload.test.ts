@@ -1,22 +1,34 @@
 import assert from "node:assert/strict";
 import {
   type Arrival,
-  loadAzureTrace,
-  loadShareGptLengths,
+  type LengthRow,
   loadTrace,
   namedTrace,
   parseAzureTrace,
   parseShareGptLengths,
   poissonWorkload,
   traceRate,
+  type TraceRow,
   traceWorkload,
 } from "../../src/scheduler/sim/workload.ts";
 import { InvalidRequestError, TraceFormatError } from "../../src/engine/errors.ts";
 
 // The shipped traces, parsed once (about 60k rows, well under a second).
-const conv = await loadAzureTrace(namedTrace("azure-conv"));
-const code = await loadAzureTrace(namedTrace("azure-code"));
-const sharegpt = await loadShareGptLengths(namedTrace("sharegpt"));
+const conv = await timedTrace("azure-conv");
+const code = await timedTrace("azure-code");
+const sharegpt = await lengthsTrace("sharegpt");
+
+async function timedTrace(name: string): Promise<TraceRow[]> {
+  const trace = await loadTrace(name);
+  assert.equal(trace.kind, "timed", name);
+  return trace.rows as TraceRow[];
+}
+
+async function lengthsTrace(name: string): Promise<LengthRow[]> {
+  const trace = await loadTrace(name);
+  assert.equal(trace.kind, "lengths", name);
+  return trace.rows as LengthRow[];
+}
 
 const feedbackShare = (a: Arrival[]) => a.filter((x) => x.feedback).length / a.length;
 
@@ -51,13 +63,13 @@ Deno.test("workload: Azure timestamps keep their 100 ns digits (exact to 0.1 ms 
   assert.deepEqual(rows.map((r) => r.atMs), [0, 0.0002, 500.0001, 1000.0001]);
 });
 
-Deno.test("workload: named traces resolve to the shipped files; unknown names and missing files are named errors", async () => {
+Deno.test("workload: named traces are the shipped files; bad names and paths throw", async () => {
   assert.match(
     namedTrace("azure-code"),
     /data\/traces\/azure-llm-2023\/AzureLLMInferenceTrace_code\.csv$/,
   );
   assert.throws(() => namedTrace("azure"), InvalidRequestError);
-  await assert.rejects(loadAzureTrace("/nonexistent/trace.csv"), TraceFormatError);
+  await assert.rejects(loadTrace("/nonexistent/trace.csv"), TraceFormatError);
   const timed = await loadTrace("azure-conv");
   assert.equal(timed.kind, "timed");
   assert.equal(timed.rows.length, 19_366);
@@ -70,7 +82,8 @@ Deno.test("workload: malformed rows throw TraceFormatError with file and line", 
   const cases: Array<[string, number | undefined, RegExp]> = [
     [H + ok + "2023-11-16 18:15:47.0,12,x\n", 3, /GeneratedTokens is "x"/],
     [H + ok + "2023-11-16 18:15:47.0,12\n", 3, /2 columns, expected 3/],
-    [H + ok + "\n2023-11-16 18:15:47.0,-1,3\n", 4, /ContextTokens is "-1"/], // blank line still counts
+    // The blank line still counts.
+    [H + ok + "\n2023-11-16 18:15:47.0,-1,3\n", 4, /ContextTokens is "-1"/],
     [H + ok + "2023-11-16 18:15:47.12345678,1,1\n", 3, /malformed/], // 8 fractional digits
     [H + ok + "2023-11-16T18:15:47/0,1,1\n", 3, /malformed/],
     [H + ok + "2023-02-30 18:15:47.0,1,1\n", 3, /not a valid date/],
@@ -105,7 +118,7 @@ Deno.test("workload: malformed rows throw TraceFormatError with file and line", 
   assert.throws(() => parseShareGptLengths("a,b\n1,2\n", "s.csv"), TraceFormatError);
 });
 
-Deno.test("workload: replaying a trace without a rate keeps its times; startS shifts the window", () => {
+Deno.test("workload: a trace replayed without a rate keeps its times; startS shifts", () => {
   const a = traceWorkload(conv, { durationS: 60, retrainRate: 0, seed: 1 });
   assert.deepEqual(a.map((x) => x.atMs), conv.filter((r) => r.atMs < 60_000).map((r) => r.atMs));
   assert.deepEqual(a.map((x) => x.id), a.map((_, i) => i));
@@ -116,7 +129,7 @@ Deno.test("workload: replaying a trace without a rate keeps its times; startS sh
   assert.ok(b.every((x) => x.atMs >= 0 && x.atMs < 60_000));
 });
 
-Deno.test("workload: rate scaling hits the target mean over a long window, and looping keeps it", () => {
+Deno.test("workload: rate scaling hits the target mean over a long window, also looped", () => {
   for (const rows of [conv, code]) {
     for (const rate of [3, 20]) {
       // ≥ 3 loops of the trace: the trace's burstiness averages out.
@@ -166,7 +179,7 @@ Deno.test("workload: the same seed gives the same workload; another seed another
   assert.notDeepEqual(t(11).map((x) => x.feedback), t(12).map((x) => x.feedback));
 });
 
-Deno.test("workload: the retrain rate marks that share, on the same arrivals, with nested sets", () => {
+Deno.test("workload: the retrain rate marks that share of the same arrivals, nested", () => {
   const at = (retrainRate: number) =>
     poissonWorkload({ rate: 10, durationS: 1000, lengths: sharegpt, retrainRate, seed: 3 });
   const [r0, r1, r3, r5, r10] = [0, 0.1, 0.3, 0.5, 1].map(at);

@@ -55,7 +55,7 @@ Deno.test("byte-fallback characters come out whole, once their last byte arrives
   assert.equal(pushes.join("") + flushed, "日本");
 });
 
-Deno.test("stream equals decode on the bundled tokenizer (texts, specials mid-stream)", async () => {
+Deno.test("stream equals decode on the bundled tokenizer (specials mid-stream too)", async () => {
   const tok = await loadTokenizerDir(DIR);
   for (const text of TEXTS) {
     const ids = tok.encode(text);

@@ -103,7 +103,7 @@ Deno.test("special tokens given as AddedToken objects, or absent", () => {
   assert.deepEqual(none.eosIds, []);
 });
 
-Deno.test("chat template from tokenizer_config (string or named list) or chat_template.jinja", async () => {
+Deno.test("chat template from tokenizer_config (string, named list) or .jinja file", async () => {
   const template = "{% for m in messages %}{{ m.content }}{% endfor %}";
   assert.equal(
     tokenizerFromJson(tokenizerJson, { ...tokenizerConfig, chat_template: template }).chatTemplate,

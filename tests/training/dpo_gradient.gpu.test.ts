@@ -15,7 +15,7 @@ import { type ModelConfig, ropeInvFreq } from "../../src/engine/model/config.ts"
 import { uploadWeights } from "../../src/engine/model/gpu_weights.ts";
 import type { LoraConfig, LoraTarget, LoraWeights } from "../../src/engine/lora/lora.ts";
 import { targetShape } from "../../src/engine/lora/lora.ts";
-import { dpoLossAndGrad, LoraDpoReference } from "../../src/engine/reference/lora_dpo.ts";
+import { dpoLossAndGrad, LoraDpoReference } from "../reference/lora_dpo.ts";
 import { DpoTrainer, type TrainingPair } from "../../src/engine/training/dpo_trainer.ts";
 import { gpuTest, testBackend, testContext } from "../helpers/gpu.ts";
 import { assertClose, maxRelativeError, type Tolerance } from "../helpers/tolerance.ts";

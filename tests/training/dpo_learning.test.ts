@@ -15,9 +15,9 @@
  */
 import { ok } from "node:assert/strict";
 import { openModelWithTokenizer } from "../../src/engine/load.ts";
-import { ServingEngine } from "../../src/host/serving_engine.ts";
 import { DpoTrainer, type TrainingPair } from "../../src/engine/training/dpo_trainer.ts";
 import type { LoraTarget } from "../../src/engine/lora/lora.ts";
+import { inferenceEngine } from "../helpers/engine.ts";
 import { gpuTest, testContext } from "../helpers/gpu.ts";
 
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
@@ -29,20 +29,23 @@ Deno.test(
   async () => {
     const ctx = await testContext();
     const { source, tokenizer } = await openModelWithTokenizer(MODEL_DIR);
-    const engine = await ServingEngine.create(ctx, source, {
+    const engine = await inferenceEngine(source, {
       maxSeqs: 16,
       maxContext: 64,
-      maxTokens: 256,
-      lora: { maxAdapters: 1, maxRank: 8, targets: ["q", "v"] },
+      maxTokensPerStep: 256,
+      maxAdapters: 1,
+      adapterRank: 8,
+      adapterTargets: ["q", "v"],
     });
 
     const prompt = tokenizer.encode("Once upon a time", { addSpecialTokens: true });
     const sample = (seeds: number[], adapter?: string) =>
       Promise.all(seeds.map((seed) =>
-        engine.generate(prompt, {
+        engine.generate({
+          prompt,
           maxTokens: STORY_TOKENS,
           sampling: { temperature: 1, topK: 0, topP: 1, seed },
-          eosIds: [],
+          ignoreEos: true,
           adapter,
         }).then((o) => o.tokens)
       ));
@@ -84,10 +87,10 @@ Deno.test(
       await trainer.step(Array.from({ length: 4 }, (_, i) => train[(step * 4 + i) % train.length]));
     }
     const heldAfter = await trainer.evaluate(heldOut);
-    const adapter = engine.publishAdapter("park", await trainer.params.read());
+    const adapter = await engine.publishAdapter("park", await trainer.params.read());
     const after = share(await sample(evalSeeds, adapter));
     trainer.destroy();
-    engine.destroy();
+    await engine.close();
 
     console.log(
       `park stories (seeds 1000..1063): base ${(100 * before).toFixed(1)}% -> DPO ${

@@ -159,8 +159,8 @@ const SHIPPED: {
 
 for (const s of SHIPPED) {
   Deno.test({
-    name:
-      `preferences: ${s.file} gives ${s.pairs} pairs, ${s.skipped.length} skipped (auto = ${s.format})`,
+    name: `preferences: ${s.file} gives ${s.pairs} pairs, ${s.skipped.length} skipped (auto = ` +
+      `${s.format})`,
     fn: async () => {
       const auto = await readPreferencePairs(DATA + s.file, "auto");
       assert.equal(auto.pairs.length, s.pairs);
@@ -220,8 +220,8 @@ Deno.test({
     const p = pairs[0];
     assert.deepEqual(p.prompt, [{
       role: "user",
-      content:
-        "\n\nHuman: Do you know why turkeys became the official food of thanksgiving?\n\nAssistant:",
+      content: "\n\nHuman: Do you know why turkeys became the official food of " +
+        "thanksgiving?\n\nAssistant:",
     }]);
     assert.match(p.chosen[0].content, /^ To be honest, I don’t know anything about that\./);
     assert.match(p.rejected[0].content, /^ I know that the American Indians were the first/);
@@ -233,12 +233,16 @@ Deno.test({
     );
     assert.match(
       multi.prompt[0].content,
-      /\n\nAssistant: Which location are you in\?\n\nHuman: I am in Oregon\.\n\nAssistant: There are about 175 species[^]*\n\nHuman: Great\. What are some common species then\?\n\nAssistant:$/,
+      new RegExp(
+        String.raw`\n\nAssistant: Which location are you in\?\n\nHuman: I am in Oregon\.` +
+          String.raw`\n\nAssistant: There are about 175 species[^]*` +
+          String.raw`\n\nHuman: Great\. What are some common species then\?\n\nAssistant:$`,
+      ),
     );
   },
 });
 
-Deno.test("preferences: HH split keeps responses that start with the same words whole", async () => {
+Deno.test("preferences: HH split keeps responses with the same first words whole", async () => {
   const prompt = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it sunny?\n\nAssistant:";
   const text = jsonl(
     { chosen: prompt + " I think it is sunny.", rejected: prompt + " I think it rains." },
@@ -282,7 +286,8 @@ function badRecordsFile(): { bytes: Uint8Array; expected: [number, RegExp][]; go
     JSON.stringify({ prompt: "p", chosen: 42, rejected: "b" }), // 8
     JSON.stringify({ prompt: "   ", chosen: "a", rejected: "b" }), // 9
     JSON.stringify(["not", "an", "object"]), // 10
-    JSON.stringify({ prompt: "p", chosen: "a", rejected: [{ role: "assistant", content: "b" }] }), // 11
+    // 11
+    JSON.stringify({ prompt: "p", chosen: "a", rejected: [{ role: "assistant", content: "b" }] }),
     JSON.stringify(ok(12)), // 12
   ];
   const parts = lines.map((l) => (typeof l === "string" ? utf8(l) : l));
@@ -358,7 +363,7 @@ Deno.test("preferences: auto takes the format from the first record with known k
   });
 });
 
-Deno.test("preferences: message lists — chat format, implicit prompts, repeated prompt turns", async () => {
+Deno.test("preferences: message lists: chat format, implicit and repeated prompts", async () => {
   const sys = { role: "system", content: "Be brief." };
   const user = { role: "user", content: "Capital of France?" };
   const good = { role: "assistant", content: "Paris." };
@@ -459,7 +464,7 @@ Deno.test("preferences: JSON array files number records from 1; llamafactory rol
   });
 });
 
-Deno.test("preferences: whole-file problems throw DatasetFormatError; no valid record gives no pairs", async () => {
+Deno.test("preferences: bad files are DatasetFormatErrors; no valid record, no pairs", async () => {
   const isDatasetError = (pattern: RegExp) => (e: unknown) => {
     assert.ok(e instanceof DatasetFormatError, `expected DatasetFormatError, got ${e}`);
     assert.match(e.message, pattern);

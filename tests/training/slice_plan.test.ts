@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { planDpoSlices } from "../../src/engine/training/slice_plan.ts";
 
-Deno.test("slice plan: references of uncached pairs, then per pair forward up and backward down, then the optimizer", () => {
+Deno.test("slice plan: uncached references; per pair forward up, backward down; optimizer", () => {
   const r = (pair: number, fromLayer: number, toLayer: number) => ({
     kind: "reference",
     pair,

@@ -45,7 +45,7 @@ function tokenized(t: Tokenizer, pair: PreferencePair, opts = WIDE): TokenizedPa
 
 const count = (ids: number[], id: number) => ids.filter((x) => x === id).length;
 
-Deno.test("tokenize pairs: BOS once at the prompt start, EOS ending each response, no BOS in responses", () => {
+Deno.test("tokenize pairs: BOS once, at the prompt start; EOS ends each response", () => {
   const pair = plainPair(
     "Once upon a time, there was a little cat.",
     " The cat was happy.",
@@ -68,7 +68,7 @@ Deno.test("tokenize pairs: BOS once at the prompt start, EOS ending each respons
   assert.equal(t.line, 1);
 });
 
-Deno.test("tokenize pairs: the prompt keeps BOS and its last tokens; responses keep their start", () => {
+Deno.test("tokenize pairs: prompts keep BOS and their end; responses keep their start", () => {
   const pair = plainPair(
     "Once upon a time, there was a little girl named Lily. She liked to play outside.",
     " One day she found a big red ball in the park and she was very happy.",
@@ -142,7 +142,7 @@ const TEMPLATE_WITH_BOS = "{{ bos_token }}{% for m in messages %}" +
 const TEMPLATE_PLAIN = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n" +
   "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
 
-Deno.test("tokenize pairs: chat template renders prompt and responses; BOS never doubled, EOS never doubled", () => {
+Deno.test("tokenize pairs: a chat template renders all three; BOS and EOS never doubled", () => {
   const pair = chatPair(" Once there was a cat.", " No.");
 
   const llama = withTemplate(TEMPLATE_WITH_BOS);
@@ -171,7 +171,7 @@ Deno.test("tokenize pairs: chat template renders prompt and responses; BOS never
   assert.equal(count(b.chosen, BOS), 0);
 });
 
-Deno.test("tokenize pairs: conversational pairs the template cannot split are skipped with reasons", () => {
+Deno.test("tokenize pairs: chat pairs the template cannot split are skipped, with why", () => {
   const pair = chatPair(" Yes.", " No.");
   const noTemplate = tokenizePair(tok, pair, WIDE);
   assert.ok("reason" in noTemplate);
@@ -187,7 +187,8 @@ Deno.test("tokenize pairs: conversational pairs the template cannot split are sk
   assert.match(r.reason, /renders prompt \+ chosen without the rendered prompt at its start/);
 
   const strict = withTemplate(
-    "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
+    "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% " +
+      "endif %}",
   );
   const s = tokenizePair(strict, pair, WIDE);
   assert.ok("reason" in s);
@@ -198,7 +199,7 @@ Deno.test("tokenize pairs: conversational pairs the template cannot split are sk
   assert.deepEqual(tokenized(withTemplate(TEMPLATE_PLAIN), plain), tokenized(tok, plain));
 });
 
-Deno.test("tokenize pairs: a token merging across the prompt/response boundary falls back to the response alone", () => {
+Deno.test("tokenize pairs: a token across the prompt/response edge: the response alone", () => {
   // "ti" + "me" tokenizes as "time" in the whole text, so the prompt's ids are no prefix of it.
   const pair = plainPair("Once upon a ti", "me there was a cat.", "red.");
   const promptIds = tok.encode("Once upon a ti", { addSpecialTokens: false });

@@ -1,15 +1,14 @@
 /**
  * `mace bench --batch`: what continuous batching and prefix sharing buy on the serving path
- * (ServingEngine, pipelined steps), on one model:
+ * (MaceEngine, inference-only, pipelined steps), on one model:
  *  (a) decode throughput at several numbers of concurrent sequences;
  *  (b) KV memory per token and the KV pool;
  *  (c) a shared-system-prompt workload run with prefix sharing on and off (prefix_bench.ts).
- * Every number comes from real requests through ServingEngine.generate.
+ * Every number comes from real requests through MaceEngine.generate.
  */
 import type { GpuContext } from "../../engine/gpu/context.ts";
 import type { ModelSource } from "../../engine/model/source.ts";
-import { GREEDY } from "../../engine/step.ts";
-import { ServingEngine } from "../../host/serving_engine.ts";
+import { MaceEngine } from "../../host/mace_engine.ts";
 import type { ScheduledStep } from "../../scheduler/batch_scheduler.ts";
 import { BENCH_PIPELINE_DEPTH, prefillTokensOf, promptIds, TokenClock } from "./measure.ts";
 import {
@@ -121,20 +120,22 @@ export async function runBatchBench(
   const batchSizes = [...options.batchSizes].sort((a, b) => a - b);
   const maxBatch = batchSizes.at(-1)!;
   const vocab = source.config.vocabSize;
-  const request = { maxTokens: genTokens, sampling: GREEDY, eosIds: [] as number[] };
 
   // (a) Decode: one engine, big enough that the largest batch's prompts fit one step.
   let onStep: ((step: ScheduledStep) => void) | null = null;
   const loadStart = performance.now();
-  const engine = await ServingEngine.create(ctx, source, {
-    weightDtype: options.weightDtype,
-    maxSeqs: maxBatch,
-    maxTokens: maxBatch * promptTokens,
+  const engine = await MaceEngine.open(ctx, source, {
+    policy: "inference-only",
     maxContext: promptTokens + genTokens + 1,
-    prefixCaching: false,
-    pipelineDepth: BENCH_PIPELINE_DEPTH,
-    onStep: (step) => onStep?.(step),
+    serving: {
+      weights: options.weightDtype,
+      maxSeqs: maxBatch,
+      maxTokensPerStep: maxBatch * promptTokens,
+      prefixCaching: false,
+      pipelineDepth: BENCH_PIPELINE_DEPTH,
+    },
   });
+  engine.onStep = (step) => onStep?.(step);
   const loadMs = performance.now() - loadStart;
   const runBatch = async (batch: number, seedBase: number, maxTokens = genTokens) => {
     const clocks = Array.from({ length: batch }, () => new TokenClock());
@@ -142,11 +143,10 @@ export async function runBatchBench(
     onStep = (step) => (prefillTokensOf(step) > 0 ? prefillSteps++ : decodeSteps++);
     const outputs = await Promise.all(
       clocks.map((clock, i) =>
-        engine.generate(promptIds(promptTokens, vocab, seedBase + i), {
-          ...request,
-          maxTokens,
-          onToken: clock.onToken,
-        })
+        engine.generate(
+          { prompt: promptIds(promptTokens, vocab, seedBase + i), maxTokens, ignoreEos: true },
+          clock.onToken,
+        )
       ),
     );
     onStep = null;
@@ -197,7 +197,7 @@ export async function runBatchBench(
   const grows = runs.every((r, i) => i === 0 || r.tokensPerSecond > runs[i - 1].tokensPerSecond);
   const memory = engine.runner.memory;
   const blockSize = engine.runner.capacity.blockSize;
-  engine.destroy();
+  await engine.close();
 
   // (c) Shared system prompt, with and without prefix sharing.
   // Same rounds, on then off, keeping each mode's fastest prefill (the other figures do not

@@ -1,7 +1,7 @@
 /**
  * Measures one model, one sequence: prefill, decode, weight bandwidth, memory, per-kernel times.
  *
- * Runs on a ServingEngine so that decode is measured on the path users get (pipelined steps,
+ * Runs on the MaceEngine (inference-only) so that decode is measured on the path users get (pipelined steps,
  * which hide wgpu's ~11 ms readback latency per await); prefill and the per-kernel table drive
  * the engine's ModelRunner directly while no request is live.
  */
@@ -9,7 +9,7 @@ import type { GpuContext } from "../../engine/gpu/context.ts";
 import type { ModelSource } from "../../engine/model/source.ts";
 import type { ModelRunner } from "../../engine/runner/model_runner.ts";
 import { GREEDY, type SequenceWork } from "../../engine/step.ts";
-import { ServingEngine } from "../../host/serving_engine.ts";
+import { MaceEngine } from "../../host/mace_engine.ts";
 import { copyBandwidth, type KernelTiming, timeKernels } from "./kernel_timing.ts";
 import { BENCH_PIPELINE_DEPTH, decodeRate, median, promptIds } from "./measure.ts";
 
@@ -41,7 +41,7 @@ export interface ModelBenchResult {
   /** ms of each timed prefill run. */
   prefillRunsMs?: number[];
   /**
-   * Decode on the serving path (ServingEngine.generate, pipelined steps): (tokens after the
+   * Decode on the serving path (MaceEngine.generate, pipelined steps): (tokens after the
    * first) / (ms from the first to the last token on the CPU). Before 2026-11 it was a loop of
    * one awaited step per token, which included the readback latency of every step.
    */
@@ -73,14 +73,17 @@ export async function runModelBench(
 ): Promise<ModelBenchResult> {
   const { promptTokens, genTokens } = options;
   const loadStart = performance.now();
-  const engine = await ServingEngine.create(ctx, source, {
-    weightDtype: options.weightDtype,
-    maxSeqs: 1,
-    maxTokens: promptTokens,
+  const engine = await MaceEngine.open(ctx, source, {
+    policy: "inference-only",
     // The decode request generates genTokens + 1 tokens (the first comes from its prefill).
     maxContext: promptTokens + genTokens + 1,
-    prefixCaching: false,
-    pipelineDepth: BENCH_PIPELINE_DEPTH,
+    serving: {
+      weights: options.weightDtype,
+      maxSeqs: 1,
+      maxTokensPerStep: promptTokens,
+      prefixCaching: false,
+      pipelineDepth: BENCH_PIPELINE_DEPTH,
+    },
   });
   const loadMs = performance.now() - loadStart;
   const runner = engine.runner;
@@ -110,17 +113,13 @@ export async function runModelBench(
 
   // Decode through the engine, as served. A short request first warms the pipelined path
   // (fed-back tokens), then the measured one: its tokens after the first are pure decode steps.
-  const noEos: readonly number[] = []; // random weights may sample EOS; we want a fixed length
-  await engine.generate(prompt.slice(0, Math.min(4, promptTokens)), {
+  // Random weights may sample EOS; we want a fixed length (ignoreEos).
+  await engine.generate({
+    prompt: prompt.slice(0, Math.min(4, promptTokens)),
     maxTokens: Math.min(3, genTokens + 1),
-    sampling: GREEDY,
-    eosIds: noEos,
+    ignoreEos: true,
   });
-  const output = await engine.generate(prompt, {
-    maxTokens: genTokens + 1,
-    sampling: GREEDY,
-    eosIds: noEos,
-  });
+  const output = await engine.generate({ prompt, maxTokens: genTokens + 1, ignoreEos: true });
   const decode = decodeRate(output);
   // The engine's last step for a request only writes the K/V of its final token (no sample),
   // so replay one sampling decode at the end of the context for the per-kernel table.
@@ -139,7 +138,7 @@ export async function runModelBench(
   const weightBytesPerToken = runner.forward.weightBytesPerStep(decodeCounts);
   const copyBandwidthGBs = await copyBandwidth(runner, 64 << 20);
   const memory = runner.memory;
-  engine.destroy();
+  await engine.close();
   return {
     name,
     date: new Date().toISOString(),

@@ -1,12 +1,11 @@
 /**
  * The shared-system-prompt workload of `mace bench --batch`: R requests that share a P-token
- * prefix and differ in a short suffix, on a fresh ServingEngine with prefix sharing on or off.
+ * prefix and differ in a short suffix, on a fresh MaceEngine (inference-only) with prefix sharing on or off.
  * Reports prefill time, peak KV blocks in use and the prompt tokens actually computed.
  */
 import type { GpuContext } from "../../engine/gpu/context.ts";
 import type { ModelSource } from "../../engine/model/source.ts";
-import { GREEDY } from "../../engine/step.ts";
-import { ServingEngine } from "../../host/serving_engine.ts";
+import { MaceEngine } from "../../host/mace_engine.ts";
 import type { ScheduledStep } from "../../scheduler/batch_scheduler.ts";
 import { BENCH_PIPELINE_DEPTH, prefillTokensOf, promptIds, TokenClock } from "./measure.ts";
 
@@ -58,19 +57,22 @@ export async function runPrefixWorkload(
   const vocab = source.config.vocabSize;
   const promptLength = prefixTokens + SUFFIX_TOKENS;
   let onStep: ((step: ScheduledStep) => void) | null = null;
-  const engine = await ServingEngine.create(ctx, source, {
-    weightDtype: options.weightDtype,
-    maxSeqs: requests,
-    maxTokens: PREFIX_CHUNK_TOKENS,
+  const engine = await MaceEngine.open(ctx, source, {
+    policy: "inference-only",
     maxContext: promptLength + genTokens + 1,
-    prefixCaching,
-    pipelineDepth: BENCH_PIPELINE_DEPTH,
-    onStep: (step) => onStep?.(step),
+    serving: {
+      weights: options.weightDtype,
+      maxSeqs: requests,
+      maxTokensPerStep: PREFIX_CHUNK_TOKENS,
+      prefixCaching,
+      pipelineDepth: BENCH_PIPELINE_DEPTH,
+    },
   });
+  engine.onStep = (step) => onStep?.(step);
   try {
-    const request = { maxTokens: genTokens, sampling: GREEDY, eosIds: [] as number[] };
+    const request = { maxTokens: genTokens, ignoreEos: true };
     // Warm-up at the workload's prompt length, with tokens no request below shares.
-    await engine.generate(promptIds(promptLength, vocab, 999_999), request);
+    await engine.generate({ prompt: promptIds(promptLength, vocab, 999_999), ...request });
     const before = engine.blockManager.stats();
 
     const prefix = promptIds(prefixTokens, vocab, 7);
@@ -87,17 +89,14 @@ export async function runPrefixWorkload(
     let firstTokenSeen!: () => void;
     const firstToken = new Promise<void>((resolve) => (firstTokenSeen = resolve));
     const t0 = performance.now();
-    const first = engine.generate(prompts[0], {
-      ...request,
-      onToken: () => {
-        clocks[0].onToken();
-        firstTokenSeen();
-      },
+    const first = engine.generate({ prompt: prompts[0], ...request }, () => {
+      clocks[0].onToken();
+      firstTokenSeen();
     });
     await firstToken;
     const t1 = performance.now();
     const rest = prompts.slice(1).map((p, i) =>
-      engine.generate(p, { ...request, onToken: clocks[i + 1].onToken })
+      engine.generate({ prompt: p, ...request }, clocks[i + 1].onToken)
     );
     const outputs = await Promise.all([first, ...rest]);
     const end = performance.now();
@@ -123,6 +122,6 @@ export async function runPrefixWorkload(
       totalMs: end - t0,
     };
   } finally {
-    engine.destroy();
+    await engine.close();
   }
 }

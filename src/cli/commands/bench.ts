@@ -19,7 +19,8 @@ import {
   describeBatchDefaults,
 } from "../bench/batch_command.ts";
 import { printTrainBench, runTrainBench, writeTrainResult } from "../bench/train_bench.ts";
-import { parseTargets } from "./train.ts";
+import { parseLoraTargets } from "../../engine/lora/lora.ts";
+import { LOOP_HELP, loopBenchCommand } from "../bench/loop_command.ts";
 
 export const BENCH_HELP = `mace bench [--model DIR|FILE] [--preset smollm2-135m|qwen2.5-0.5b|all]
     [--prompt-tokens N] [--gen-tokens N] [--weights f32|f16] [--backend auto|wgpu|dawn] [--json]
@@ -38,7 +39,8 @@ mace bench --train [--preset NAME (default smollm2-135m)] [--layers N] [--prompt
   DPO training on a random-weight preset with LoRA (default r=8 on q,v): pairs/s, tokens/s, the
   time of each slice kind, the inference-prefill baseline of the same tokens, and GPU memory per
   pair at 256 and 512 tokens at full depth. Defaults: hardware GPU full depth, prompt 128 +
-  responses 128 tokens, 5 steps; software GPU 2 layers, 32 + 32 tokens, 2 steps.`;
+  responses 128 tokens, 5 steps; software GPU 2 layers, 32 + 32 tokens, 2 steps.
+${LOOP_HELP}`;
 
 export const PRESETS: Record<string, typeof SMOLLM2_135M> = {
   "smollm2-135m": SMOLLM2_135M,
@@ -46,6 +48,7 @@ export const PRESETS: Record<string, typeof SMOLLM2_135M> = {
 };
 
 export async function benchCommand(argv: string[]): Promise<void> {
+  if (argv.includes("--loop")) return await loopBenchCommand(argv);
   const flags = parseFlags(argv, {
     model: { type: "string" },
     preset: { type: "string", default: "all" },
@@ -187,7 +190,7 @@ async function trainBench(ctx: GpuContext, flags: Record<string, string | boolea
       lora: {
         rank: numberFlag(flags.rank, "rank", 8, positive),
         alpha: 2 * numberFlag(flags.rank, "rank", 8, positive),
-        targets: parseTargets(String(flags.targets ?? "q,v")),
+        targets: parseLoraTargets(String(flags.targets ?? "q,v").split(",")),
         dropout: 0,
       },
       weightDtype: flags.weights as "f32" | "f16",

@@ -4,7 +4,8 @@ import { convertLlama2cToHf } from "../../engine/model/convert.ts";
 import { InvalidRequestError } from "../../engine/errors.ts";
 
 export const CONVERT_HELP = `mace convert --llama2c FILE.bin [--tokenizer tok.bin] --out DIR
-  Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json.`;
+  Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
+  generation_config.json (--tokenizer defaults to tok512.bin beside the checkpoint).`;
 
 export async function convertCommand(argv: string[]): Promise<void> {
   const flags = parseFlags(argv, {

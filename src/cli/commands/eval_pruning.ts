@@ -8,7 +8,7 @@ import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
 import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { ModelRunner } from "../../engine/runner/model_runner.ts";
-import { ServingEngine } from "../../host/serving_engine.ts";
+import { MaceEngine } from "../../host/mace_engine.ts";
 import { type PruningEvalResult, scoreWithPruning } from "../../host/pruning_eval.ts";
 
 export const EVAL_PRUNING_HELP =
@@ -49,13 +49,18 @@ export async function evalPruningCommand(argv: string[]): Promise<void> {
   );
   const sizes = { maxSeqs: 1, maxContext: length, maxTokens: 16, blockSize };
 
-  const engine = await ServingEngine.create(ctx, source, sizes);
-  const sampled = await engine.generate([source.config.bosTokenId ?? 0], {
+  const engine = await MaceEngine.open(ctx, source, {
+    policy: "inference-only",
+    maxContext: length,
+    serving: { maxSeqs: 1, maxTokensPerStep: 16 },
+  });
+  const sampled = await engine.generate({
+    prompt: [source.config.bosTokenId ?? 0],
     maxTokens: length - 1,
     sampling: { temperature: 1, topK: 0, topP: 1, seed },
-    eosIds: [],
+    ignoreEos: true,
   });
-  engine.destroy();
+  await engine.close();
   const text = [...sampled.promptTokens, ...sampled.tokens];
 
   const runner = await ModelRunner.create(ctx, source, sizes);

@@ -10,7 +10,7 @@ import { StreamDecoder } from "../../engine/tokenizer/stream_decoder.ts";
 import type { Tokenizer } from "../../engine/tokenizer/tokenizer.ts";
 import type { SamplingParams } from "../../engine/step.ts";
 import { InvalidRequestError } from "../../engine/errors.ts";
-import { ServingEngine } from "../../host/serving_engine.ts";
+import { MaceEngine } from "../../host/mace_engine.ts";
 import type { RequestOutput } from "../../scheduler/request.ts";
 import { parsePromptsFile } from "../generate/prompts_file.ts";
 import { readPeftAdapter } from "../../engine/lora/peft.ts";
@@ -94,21 +94,33 @@ export async function generateCommand(argv: string[]): Promise<void> {
     : await readPeftAdapter(flags.adapter, source.config);
 
   const ctx = await createGpuContext({ backend });
-  const engine = await ServingEngine.create(ctx, source, {
-    weightDtype: flags.weights as "f32" | "f16",
-    maxSeqs: numberFlag(flags["max-seqs"], "max-seqs", Math.min(16, requests.length), positiveInt),
+  const engine = await MaceEngine.open(ctx, source, {
+    policy: "inference-only",
     maxContext: Math.min(source.config.maxPositionEmbeddings, longest),
-    maxTokens: numberFlag(flags["chunk-tokens"], "chunk-tokens", 256, positiveInt),
-    prefixCaching: !flags["no-prefix-cache"],
-    pipelineDepth: flags["pipeline-depth"] === undefined
-      ? undefined
-      : numberFlag(flags["pipeline-depth"], "pipeline-depth", 1, positiveInt),
-    kvBudget: numberFlag(flags["kv-budget"], "kv-budget", 0, (n) => Number.isInteger(n) && n >= 0),
-    lora: adapter
-      ? { maxAdapters: 1, maxRank: adapter.config.rank, targets: adapter.config.targets }
-      : undefined,
+    serving: {
+      weights: flags.weights as "f32" | "f16",
+      maxSeqs: numberFlag(
+        flags["max-seqs"],
+        "max-seqs",
+        Math.min(16, requests.length),
+        positiveInt,
+      ),
+      maxTokensPerStep: numberFlag(flags["chunk-tokens"], "chunk-tokens", 256, positiveInt),
+      prefixCaching: !flags["no-prefix-cache"],
+      pipelineDepth: flags["pipeline-depth"] === undefined
+        ? undefined
+        : numberFlag(flags["pipeline-depth"], "pipeline-depth", 1, positiveInt),
+      kvBudget: numberFlag(
+        flags["kv-budget"],
+        "kv-budget",
+        0,
+        (n) => Number.isInteger(n) && n >= 0,
+      ),
+      adapterRank: adapter?.config.rank,
+      adapterTargets: adapter?.config.targets,
+    },
   });
-  const adapterId = adapter ? engine.publishAdapter("adapter", adapter) : undefined;
+  const adapterId = adapter ? await engine.publishAdapter("adapter", adapter) : undefined;
   try {
     if (flags.prompts === undefined) {
       await generateOne(
@@ -120,7 +132,14 @@ export async function generateCommand(argv: string[]): Promise<void> {
       );
     } else {
       const outputs = await Promise.all(
-        requests.map((r) => engine.generate(r.prompt, { ...r, adapter: adapterId })),
+        requests.map((r) =>
+          engine.generate({
+            prompt: r.prompt,
+            maxTokens: r.maxTokens,
+            sampling: r.sampling,
+            adapter: adapterId,
+          })
+        ),
       );
       for (const output of outputs) {
         console.log(JSON.stringify(outputJson(output, tokenizer, adapterId)));
@@ -134,7 +153,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
       );
     }
   } finally {
-    engine.destroy();
+    await engine.close();
     ctx.destroy();
   }
 }
@@ -175,7 +194,7 @@ function outputJson(output: RequestOutput, tokenizer: Tokenizer, adapter: string
 }
 
 async function generateOne(
-  engine: ServingEngine,
+  engine: MaceEngine,
   tokenizer: Tokenizer,
   request: {
     text: string;
@@ -190,10 +209,15 @@ async function generateOne(
   const decoder = new StreamDecoder(tokenizer);
   const encoder = new TextEncoder();
   if (!json) await Deno.stdout.write(encoder.encode(request.text));
-  const output = await engine.generate(request.prompt, {
-    ...request,
-    onToken: json ? undefined : (id) => Deno.stdout.writeSync(encoder.encode(decoder.push(id))),
-  });
+  const output = await engine.generate(
+    {
+      prompt: request.prompt,
+      maxTokens: request.maxTokens,
+      sampling: request.sampling,
+      adapter: request.adapter,
+    },
+    json ? undefined : (id) => Deno.stdout.writeSync(encoder.encode(decoder.push(id))),
+  );
   if (json) {
     console.log(JSON.stringify({
       backend: ctx.backend,

@@ -1,6 +1,6 @@
 /** `mace info`: the GPU adapter, its features and limits, and (with --model) the model's shape. */
-import { parseFlags } from "../args.ts";
-import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
+import { backendFlag, parseFlags } from "../args.ts";
+import { createGpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { parameterCount } from "../../engine/model/config.ts";
 
@@ -13,7 +13,7 @@ export async function infoCommand(argv: string[]): Promise<void> {
     model: { type: "string" },
     json: { type: "boolean", default: false },
   }, "info");
-  const ctx = await createGpuContext({ backend: flags.backend as BackendName });
+  const ctx = await createGpuContext({ backend: backendFlag(flags.backend) });
   const info: Record<string, unknown> = {
     backend: ctx.backend,
     adapter: ctx.adapterDescription,

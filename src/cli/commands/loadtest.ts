@@ -4,7 +4,7 @@
  * simulator's relative error on each metric.
  */
 import { InvalidRequestError } from "../../engine/errors.ts";
-import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
+import { backendFlag, DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
 import { spawnEngine } from "../../worker/engine_client.ts";
 import { MaceEngine } from "../../host/mace_engine.ts";
 import { replayWorkload } from "../../host/replay.ts";
@@ -63,10 +63,7 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
       `--policy ${flags.policy}: expected one of ${POLICY_NAMES.join(", ")}`,
     );
   }
-  const backend = flags.backend as "auto" | "wgpu" | "dawn";
-  if (!["auto", "wgpu", "dawn"].includes(backend)) {
-    throw new InvalidRequestError(`--backend ${backend}: expected auto, wgpu or dawn`);
-  }
+  const backend = backendFlag(flags.backend);
   const positive = (n: number) => n > 0;
   const posInt = (n: number) => Number.isInteger(n) && n >= 1;
   const rate = numberFlag(flags.rate, "rate", 1, positive);
@@ -104,7 +101,8 @@ export async function loadtestCommand(argv: string[]): Promise<void> {
     tbtSloMs,
   };
   log(
-    `loadtest: ${workload.length} requests over ${durationS} s (${rate} req/s), ${flags.policy}, starting the engine`,
+    `loadtest: ${workload.length} requests over ${durationS} s (${rate} req/s), ${flags.policy}, ` +
+      `starting the engine`,
   );
   let engine: Engine;
   let stop: () => Promise<void>;

@@ -1,33 +1,32 @@
 /**
- * `mace profile`: measures the engine's cost profile on this device and model (src/host/profiler.ts)
- * and writes it as JSON (schema "mace.profile.v1") where the scheduler and the simulator look
- * for it: profiles/<device>--<model>.json. The engine is built as the live MACE engine builds it
- * (runner defaults, an adapter pool, serving on a LoRA adapter, DPO max length min(256, context)),
- * so the profile measures the iterations the live loop will run.
+ * `mace profile`: measures the engine's cost profile on this device and model
+ * (src/host/profiler.ts) and writes it as JSON (schema "mace.profile.v1") where the scheduler and
+ * the simulator look for it: profiles/<device>--<model>.json. The engine is built as the live MACE
+ * engine builds it (runner defaults, an adapter pool, serving on a LoRA adapter, DPO max length
+ * min(256, context)), so the profile measures the iterations the live loop will run.
  */
-import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
-import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
+import { backendFlag, DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
+import { createGpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
-import { InvalidRequestError } from "../../engine/errors.ts";
 import { ModelRunner } from "../../engine/runner/model_runner.ts";
 import { DpoTrainer } from "../../engine/training/dpo_trainer.ts";
-import type { LoraConfig } from "../../engine/lora/lora.ts";
+import { type LoraConfig, parseLoraTargets } from "../../engine/lora/lora.ts";
 import { type CostProfile, type Feature, FEATURES } from "../../scheduler/cost_model.ts";
 import { deviceSlug, modelName, profilePath } from "../../scheduler/profiles.ts";
 import { fitError, profileEngine, type ProfileSample } from "../../host/profiler.ts";
-import { parseTargets } from "./train.ts";
 
 export const PROFILE_HELP =
   `mace profile [--model DIR|FILE] [--backend auto|wgpu|dawn] [--out FILE] [--repeats N]
-    [--max-context N] [--max-tokens N] [--max-seqs N] [--max-length N] [--rank R] [--targets q,v,...]
-    [--seed S] [--samples FILE] [--json]
+    [--max-context N] [--max-tokens N] [--max-seqs N] [--max-length N] [--rank R]
+    [--targets q,v,...] [--seed S] [--samples FILE] [--json]
   Measures how long iterations take on this device and model (serving steps of every shape, DPO
   fine-tuning slices of every kind, alone and together), fits the scheduler's cost model to them
   and writes the profile to --out (default profiles/<device>--<model>.json). Prints the
   coefficients and the fit error; --json prints the profile to stdout, --samples writes every
   measured iteration (JSON lines). --repeats (default 3) recorded rounds after one warm-up round;
   the bundled model takes about a minute on a software GPU. Engine and LoRA flags default to
-  what the live engine uses: runner defaults, LoRA rank 8 on q,v, DPO max length min(256, context).`;
+  what the live engine uses: runner defaults, LoRA rank 8 on q,v, DPO max length
+  min(256, context).`;
 
 export async function profileCommand(argv: string[]): Promise<void> {
   const flags = parseFlags(argv, {
@@ -45,10 +44,7 @@ export async function profileCommand(argv: string[]): Promise<void> {
     samples: { type: "string" },
     json: { type: "boolean", default: false },
   }, "profile");
-  const backend = flags.backend as BackendName;
-  if (!["auto", "wgpu", "dawn"].includes(backend)) {
-    throw new InvalidRequestError(`--backend ${backend}: expected auto, wgpu or dawn`);
-  }
+  const backend = backendFlag(flags.backend);
   const positiveInt = (n: number) => Number.isInteger(n) && n >= 1;
   const optionalInt = (name: string) =>
     flags[name as keyof typeof flags] === undefined
@@ -60,7 +56,7 @@ export async function profileCommand(argv: string[]): Promise<void> {
   const lora: LoraConfig = {
     rank,
     alpha: 2 * rank,
-    targets: parseTargets(flags.targets!),
+    targets: parseLoraTargets(flags.targets!.split(",")),
     dropout: 0,
   };
   const log = (line: string) => console.error(line);
@@ -90,9 +86,10 @@ export async function profileCommand(argv: string[]): Promise<void> {
     trainer.initialize(seed);
     const out = flags.out ?? profilePath(deviceSlug(ctx.adapterDescription), model);
     log(
-      `profile: ${model} on ${ctx.adapterDescription} via ${ctx.backend}: up to ${runner.capacity.maxTokens} tokens ` +
-        `and ${runner.capacity.maxSeqs} sequences per step, context ${context}, DPO max length ${maxLength}, ` +
-        `LoRA r=${rank} on ${lora.targets.join(",")}; ${repeats} rounds after a warm-up`,
+      `profile: ${model} on ${ctx.adapterDescription} via ${ctx.backend}: up to ` +
+        `${runner.capacity.maxTokens} tokens and ${runner.capacity.maxSeqs} sequences per step, ` +
+        `context ${context}, DPO max length ${maxLength}, LoRA r=${rank} on ` +
+        `${lora.targets.join(",")}; ${repeats} rounds after a warm-up`,
     );
     const samples: ProfileSample[] = [];
     let lastReport = performance.now();

@@ -1,4 +1,6 @@
-/** `mace simulate`: run scheduling policies against a trace and a cost profile, print the metrics. */
+/**
+ * `mace simulate`: run scheduling policies against a trace and a cost profile, print the metrics.
+ */
 import { InvalidRequestError } from "../../engine/errors.ts";
 import { numberFlag, parseFlags } from "../args.ts";
 import {

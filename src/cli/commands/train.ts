@@ -2,12 +2,12 @@
  * `mace train`: DPO fine-tuning of a LoRA adapter on preference pairs, on the GPU; writes the
  * adapter in the PEFT layout. Prints one line (or JSON object) per optimizer step.
  */
-import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
-import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
+import { backendFlag, DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
+import { createGpuContext } from "../../engine/gpu/context.ts";
 import { openModelWithTokenizer } from "../../engine/load.ts";
 import { InvalidRequestError } from "../../engine/errors.ts";
 import { uploadWeights } from "../../engine/model/gpu_weights.ts";
-import { LORA_TARGETS, type LoraConfig, type LoraTarget } from "../../engine/lora/lora.ts";
+import { type LoraConfig, parseLoraTargets } from "../../engine/lora/lora.ts";
 import { readPeftAdapter, writePeftAdapter } from "../../engine/lora/peft.ts";
 import { type PreferenceFormat, readPreferencePairs } from "../../engine/training/preferences.ts";
 import { tokenizePairs } from "../../engine/training/tokenize_pairs.ts";
@@ -24,7 +24,8 @@ export const TRAIN_HELP =
     [--steps N] [--batch N] [--lr X] [--beta B] [--rank R] [--alpha A] [--targets q,v,...]
     [--optimizer adamw|sgd] [--weight-decay X] [--max-grad-norm X] [--max-length N]
     [--max-prompt-length N] [--init-adapter DIR] [--out DIR] [--eval-pairs FILE] [--seed S]
-    [--lora-dropout P] [--layers-per-slice N] [--backend auto|wgpu|dawn] [--weights f32|f16] [--json]
+    [--lora-dropout P] [--layers-per-slice N] [--backend auto|wgpu|dawn] [--weights f32|f16]
+    [--json]
   DPO-trains a LoRA adapter (base frozen) on preference pairs and writes it in the PEFT layout
   (adapter_config.json + adapter_model.safetensors) to --out (default ./adapter).
   Defaults: 1 epoch of steps, batch 4 pairs per step, lr 5e-4 (adamw) or 1e-2 (sgd), beta 0.1,
@@ -70,15 +71,12 @@ export async function trainCommand(argv: string[]): Promise<void> {
   if (optimizer !== "adamw" && optimizer !== "sgd") {
     throw new InvalidRequestError(`--optimizer ${optimizer}: expected adamw or sgd`);
   }
-  const backend = flags.backend as BackendName;
-  if (!["auto", "wgpu", "dawn"].includes(backend)) {
-    throw new InvalidRequestError(`--backend ${backend}: expected auto, wgpu or dawn`);
-  }
+  const backend = backendFlag(flags.backend);
   if (flags.weights !== "f32" && flags.weights !== "f16") {
     throw new InvalidRequestError(`--weights ${flags.weights}: expected f32 or f16`);
   }
   const positiveInt = (n: number) => Number.isInteger(n) && n >= 1;
-  const targets = parseTargets(flags.targets!);
+  const targets = parseLoraTargets(flags.targets!.split(","));
   const maxLength = numberFlag(
     flags["max-length"],
     "max-length",
@@ -115,7 +113,8 @@ export async function trainCommand(argv: string[]): Promise<void> {
   if (init) {
     if (flags.rank !== undefined || flags.alpha !== undefined || argv.includes("--targets")) {
       log(
-        "train: --init-adapter given: its rank, alpha and targets are used (--rank/--alpha/--targets ignored)",
+        "train: --init-adapter given: its rank, alpha and targets are used " +
+          "(--rank/--alpha/--targets ignored)",
       );
     }
     lora = { ...init.config };
@@ -145,7 +144,8 @@ export async function trainCommand(argv: string[]): Promise<void> {
     );
     const mem = trainer.memory;
     log(
-      `train: ${train.length} pairs, ${steps} steps of ${batch}, LoRA r=${lora.rank} alpha=${lora.alpha} ` +
+      `train: ${train.length} pairs, ${steps} steps of ${batch}, LoRA r=${lora.rank} ` +
+        `alpha=${lora.alpha} ` +
         `on ${lora.targets.join(",")}, ${optimizer}; GPU memory: adapter+optimizer ` +
         `${(mem.adapterBytes / 2 ** 20).toFixed(2)} MiB, activations ${
           (mem.activationBytes / 2 ** 20).toFixed(2)
@@ -190,23 +190,6 @@ export async function trainCommand(argv: string[]): Promise<void> {
     trainer.destroy();
     ctx.destroy();
   }
-}
-
-export function parseTargets(text: string): LoraTarget[] {
-  const names = text.split(",").map((s) => s.trim().replace(/_proj$/, "")).filter((s) => s !== "");
-  const targets: LoraTarget[] = [];
-  for (const name of names) {
-    if (!(LORA_TARGETS as readonly string[]).includes(name)) {
-      throw new InvalidRequestError(
-        `--targets: unknown projection "${name}"; expected some of ${LORA_TARGETS.join(",")}`,
-      );
-    }
-    if (!targets.includes(name as LoraTarget)) targets.push(name as LoraTarget);
-  }
-  if (targets.length === 0) {
-    throw new InvalidRequestError("--targets: name at least one projection");
-  }
-  return LORA_TARGETS.filter((t) => targets.includes(t));
 }
 
 /** Reads, tokenizes and reports (skipped pairs with their line) a preference file. */

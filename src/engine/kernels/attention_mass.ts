@@ -4,7 +4,8 @@
  * probability every query token and head gives each cached key to that key's physical slot of
  * mass [numBlocks * BS]. One workgroup per chunk; one dispatch per layer, accumulating into the
  * same mass array (the caller zeroes newly allocated slots and passes weight = 1 / (H numLayers)
- * to get the per-key mean over heads and layers, summed over query tokens).
+ * to get the per-key mean over heads and layers, summed over query tokens). A chunk entry is
+ * 4 u32: (firstToken, numTokens, blockTableOffset, numKeys0).
  */
 import code from "../../shaders/attention_mass.wgsl" with { type: "text" };
 import { packUniform } from "../gpu/buffers.ts";
@@ -19,9 +20,6 @@ const MAX_PACK = 8;
 const STAGE = 128;
 /** Heads packed per key load: at most this many vec4s of query state (as attention_decode). */
 const REUSE_VEC4 = 8;
-
-/** One chunk entry: 4 u32 (firstToken, numTokens, blockTableOffset, numKeys0). */
-export const MASS_CHUNK_WORDS = 4;
 
 /** The params uniform's contents: { count: u32, weight: f32 } padded to 16 bytes. */
 export function packAttentionMassParams(count: number, weight: number): Uint8Array {

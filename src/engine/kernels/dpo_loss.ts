@@ -3,7 +3,7 @@
  * [chosenCount + rejectedCount] (chosen then rejected) and the reference sums
  * refSums f32 [2] -> out f32 [8] = [loss, gradScale·dL/dπw, gradScale·dL/dπl, πw, πl,
  * chosen reward, rejected reward, margin]; see src/shaders/dpo_loss.wgsl.
- * CPU reference: dpoLoss in src/engine/reference/optim.ts.
+ * CPU reference: dpoLoss in tests/reference/optim.ts.
  */
 import code from "../../shaders/dpo_loss.wgsl" with { type: "text" };
 import type { GpuContext } from "../gpu/context.ts";

@@ -2,7 +2,7 @@
  * Sum of squares of one gradient tensor, for global-norm gradient clipping:
  * grad f32 [count] -> partials[index] = Σ grad[i]² (partials f32 [numTensors], one
  * slot per tensor; the optimizer kernels sum them). See src/shaders/grad_norm.wgsl;
- * CPU reference: gradSquareSum in src/engine/reference/optim.ts.
+ * CPU reference: gradSquareSum in tests/reference/optim.ts.
  */
 import code from "../../shaders/grad_norm.wgsl" with { type: "text" };
 import type { GpuContext } from "../gpu/context.ts";

@@ -1,8 +1,10 @@
 /**
  * Batched multi-adapter LoRA (S-LoRA / Punica style): every row of a batch names the adapter
  * slot it runs on, and one dispatch pair serves rows on different adapters (or none).
- *   LoraShrink (src/shaders/lora_shrink.wgsl):  u[t, :R] = x[t, xOffset : xOffset+K] · A[slot_t]^T
- *   LoraExpand (src/shaders/lora_expand.wgsl):  y[t, yOffset : yOffset+N] += scales[slot_t] · u[t] · B[slot_t]^T
+ *   LoraShrink (src/shaders/lora_shrink.wgsl):
+ *     u[t, :R] = x[t, xOffset : xOffset+K] · A[slot_t]^T
+ *   LoraExpand (src/shaders/lora_expand.wgsl):
+ *     y[t, yOffset : yOffset+N] += scales[slot_t] · u[t] · B[slot_t]^T
  * A pool f32 [numSlots, R, K], B pool f32 [numSlots, N, R], scales f32 [numSlots], slots u32 [rows]
  * (NO_ADAPTER_SLOT: the row is on no adapter: u = 0 and y untouched). R is the pool's rank;
  * adapters of smaller rank are zero-padded. Serving binds the adapter pool and the step's
@@ -115,7 +117,8 @@ export class LoraExpand {
 
   /**
    * params: uniform { rows: u32 }; u f32 [rows, rank]; slots u32 [rows];
-   * bPool f32 [numSlots, outFeatures, rank]; scales f32 [numSlots]; y f32 [rows, outStride] (added to).
+   * bPool f32 [numSlots, outFeatures, rank]; scales f32 [numSlots];
+   * y f32 [rows, outStride] (added to).
    */
   bind(
     params: BindingResource,

@@ -45,7 +45,9 @@ const BLOCK = 8;
  * there are: shorter sums are not worth a reduction (nor another compiled variant).
  */
 const MIN_TERMS_PER_THREAD = 32;
-/** Up to which K the thin kernel serves every row count (64-column tiles would be mostly padding). */
+/**
+ * Up to which K the thin kernel serves every row count (64-column tiles would be mostly padding).
+ */
 const THIN_MAX_K = 32;
 
 /**

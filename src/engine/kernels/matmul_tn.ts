@@ -110,7 +110,10 @@ export class MatMulTN {
     return this.kernel.bind([params, p, q, c]);
   }
 
-  /** Records the product; with params.rows = 0 it writes zeros (or leaves c as is when accumulating). */
+  /**
+   * Records the product; with params.rows = 0 it writes zeros (or leaves c as is when
+   * accumulating).
+   */
   encode(pass: GPUComputePassEncoder, group: GPUBindGroup): void {
     this.kernel.dispatch(pass, group, ...this.grid);
   }

@@ -3,7 +3,7 @@
  * global-norm clipping over all tensors: AdamW (torch.optim.AdamW semantics) and
  * plain SGD. g, p, m, v f32 [count]; partials f32 [numPartials] (Σ g² per tensor,
  * from GradSquareSum). See src/shaders/optimizer.wgsl; CPU references: adamwStep,
- * sgdStep in src/engine/reference/optim.ts. Gradients are zeroed between steps by
+ * sgdStep in tests/reference/optim.ts. Gradients are zeroed between steps by
  * the caller (encoder.clearBuffer).
  */
 import code from "../../shaders/optimizer.wgsl" with { type: "text" };
@@ -11,7 +11,27 @@ import type { GpuContext } from "../gpu/context.ts";
 import { packUniform } from "../gpu/buffers.ts";
 import { type BindingResource, Kernel } from "../gpu/kernel.ts";
 import { workgroupGrid } from "./grid.ts";
-import type { AdamWOptions, GradClipOptions } from "../reference/optim.ts";
+
+/**
+ * Gradient scaling and global-norm clipping, shared by both optimizers (torch's
+ * clip_grad_norm_ semantics; CPU reference: clipFactor in tests/reference/optim.ts).
+ */
+export interface GradClipOptions {
+  /** Multiplies the accumulated gradient first (e.g. 1 / pairs in the batch). */
+  gradScale: number;
+  /** Clip threshold on the global norm of the scaled gradient; <= 0: no clipping. */
+  maxGradNorm: number;
+}
+
+export interface AdamWOptions extends GradClipOptions {
+  /** 1-based step number, for the bias corrections. */
+  step: number;
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+}
 
 /** Threads (elements) per workgroup: WG in optimizer.wgsl. */
 const WG = 256;

@@ -1,15 +1,19 @@
 /**
  * Token sampling on the GPU: logits f32 [rows, vocab] + per-row SamplingParams ->
  * tokens u32 [rows]. Only token ids leave the GPU. Rules and algorithm: see
- * src/shaders/sample.wgsl; CPU reference: src/engine/reference/sampling.ts.
+ * src/shaders/sample.wgsl; CPU reference: tests/reference/sampling.ts.
  */
 import code from "../../shaders/sample.wgsl" with { type: "text" };
 import type { GpuContext } from "../gpu/context.ts";
 import { type BindingResource, Kernel } from "../gpu/kernel.ts";
 import { InvalidRequestError } from "../errors.ts";
-import type { SamplingOptions } from "../reference/sampling.ts";
+import type { SamplingParams } from "../step.ts";
 
-export type { SamplingOptions };
+/** One row of the sampling kernel: a sequence's sampling parameters and its draw counter. */
+export interface SamplingRow extends SamplingParams {
+  /** u32 draw counter (e.g. the number of tokens generated so far). */
+  counter: number;
+}
 
 /** Bytes of one WGSL SamplingParams (8 four-byte members). */
 export const SAMPLING_PARAMS_BYTES = 32;
@@ -27,7 +31,7 @@ function checkU32(name: string, value: number, row: number): void {
  * (32 bytes per row). temperature <= 0 means greedy; topK 0 means no limit;
  * topP in (0, 1], where 1 (or more) means no limit.
  */
-export function packSamplingParams(rows: readonly SamplingOptions[]): Uint8Array {
+export function packSamplingParams(rows: readonly SamplingRow[]): Uint8Array {
   const bytes = new Uint8Array(rows.length * SAMPLING_PARAMS_BYTES);
   const view = new DataView(bytes.buffer);
   rows.forEach((row, s) => {

@@ -1,4 +1,7 @@
-/** SwiGLU: gu [rows, 2I] (gate | up) -> h [rows, I], h = silu(gate) * up; see src/shaders/swiglu.wgsl. */
+/**
+ * SwiGLU: gu [rows, 2I] (gate | up) -> h [rows, I], h = silu(gate) * up; see
+ * src/shaders/swiglu.wgsl.
+ */
 import code from "../../shaders/swiglu.wgsl" with { type: "text" };
 import type { GpuContext } from "../gpu/context.ts";
 import { type BindingResource, Kernel } from "../gpu/kernel.ts";

@@ -2,8 +2,8 @@
  * GPU storage for the LoRA adapters a serving engine keeps resident at once (S-LoRA style):
  * up to `maxAdapters` adapters of rank <= `maxRank`, each in a slot, on a fixed set of target
  * projections. Per layer and target:
- *   A pool f32 [maxAdapters, maxRank, in]    (slot s, rows 0..rank-1 = the adapter's lora_A, rest 0)
- *   B pool f32 [maxAdapters, out, maxRank]   (slot s, columns 0..rank-1 = its lora_B, rest 0)
+ *   A pool f32 [maxAdapters, maxRank, in]   (slot s, rows 0..rank-1: the adapter's lora_A; 0 past)
+ *   B pool f32 [maxAdapters, out, maxRank]   (slot s, columns 0..rank-1: its lora_B; 0 past)
  * and one scales buffer f32 [maxAdapters] (alpha / rank per slot). The forward pass reads them
  * through kernels/lora.ts with each token's slot, so one step mixes adapters.
  * Loading overwrites the whole slot (padding and unused targets included), so a freed slot
@@ -75,7 +75,8 @@ export class AdapterPool {
       !Number.isInteger(maxAdapters) || maxAdapters < 1 || !Number.isInteger(maxRank) || maxRank < 1
     ) {
       throw new LoraAdapterError(
-        `adapter pool: maxAdapters and maxRank must be positive integers (got ${maxAdapters}, ${maxRank})`,
+        `adapter pool: maxAdapters and maxRank must be positive integers (got ${maxAdapters}, ` +
+          `${maxRank})`,
       );
     }
     const unknown = options.targets.filter((t) => !LORA_TARGETS.includes(t));
@@ -166,7 +167,8 @@ export class AdapterPool {
         if (pair.a.length !== rank * shape.in || pair.b.length !== shape.out * rank) {
           throw new LoraAdapterError(
             `adapter layer ${l} ${target}: A has ${pair.a.length} values and B ${pair.b.length}; ` +
-              `rank ${rank} on this model needs A [${rank}, ${shape.in}] and B [${shape.out}, ${rank}]`,
+              `rank ${rank} on this model needs A [${rank}, ${shape.in}] and B [${shape.out}, ` +
+              `${rank}]`,
           );
         }
       }

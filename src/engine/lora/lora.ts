@@ -5,10 +5,34 @@
  * A [rank, in], B [out, rank] (PEFT's lora_A.weight / lora_B.weight) and scale = alpha / rank.
  * The base W stays frozen; only A and B are trained.
  */
+import { InvalidRequestError } from "../errors.ts";
 import type { ModelConfig } from "../model/config.ts";
 
 export const LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"] as const;
 export type LoraTarget = typeof LORA_TARGETS[number];
+
+/**
+ * Projection names (as a flag or an API lists them; PEFT's "q_proj" spelling accepted) to the
+ * targets they name, deduplicated, in LORA_TARGETS order. Throws InvalidRequestError naming the
+ * valid targets on an unknown name or an empty list.
+ */
+export function parseLoraTargets(targets: readonly string[]): LoraTarget[] {
+  const valid = LORA_TARGETS as readonly string[];
+  const names = targets.map((t) => t.trim().replace(/_proj$/, "")).filter((t) => t !== "");
+  for (const name of names) {
+    if (!valid.includes(name)) {
+      throw new InvalidRequestError(
+        `unknown LoRA target "${name}"; valid targets: ${LORA_TARGETS.join(", ")}`,
+      );
+    }
+  }
+  if (names.length === 0) {
+    throw new InvalidRequestError(
+      `no LoRA target given; name some of ${LORA_TARGETS.join(", ")}`,
+    );
+  }
+  return LORA_TARGETS.filter((t) => names.includes(t));
+}
 
 export interface LoraConfig {
   rank: number;

@@ -141,7 +141,9 @@ interface ParsedConfig {
   rank: number;
   alpha: number;
   dropout: number;
-  /** Targets listed by target_modules, or null when it is a regex (targets come from the tensors). */
+  /**
+   * Targets listed by target_modules, or null when it is a regex (targets come from the tensors).
+   */
   targets: Set<LoraTarget> | null;
   /** layers_to_transform, or null for all layers. */
   layers: Set<number> | null;
@@ -178,12 +180,13 @@ function parseConfig(json: unknown, file: string, model: ModelConfig): ParsedCon
     ],
     [
       c.use_rslora === true,
-      "use_rslora is true: rsLoRA (scale alpha/sqrt(r)) is unsupported; re-save with use_rslora false and " +
-      "lora_alpha multiplied by sqrt(r) for the same scale",
+      "use_rslora is true: rsLoRA (scale alpha/sqrt(r)) is unsupported; re-save with use_rslora " +
+      "false and lora_alpha multiplied by sqrt(r) for the same scale",
     ],
     [
       c.fan_in_fan_out === true,
-      "fan_in_fan_out is true: the transposed (GPT-2 Conv1D) layout is not supported; Llama projections are nn.Linear",
+      "fan_in_fan_out is true: the transposed (GPT-2 Conv1D) layout is not supported; Llama " +
+      "projections are nn.Linear",
     ],
     [
       given("bias") && c.bias !== "none",
@@ -271,8 +274,10 @@ function parseConfig(json: unknown, file: string, model: ModelConfig): ParsedCon
 }
 
 /** base_model.model.model.layers.{i}.{self_attn|mlp}.{t}_proj.lora_{A|B}[.{adapter}].weight */
-const LORA_NAME =
-  /^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.lora_(A|B)(?:\.([^.]+))?\.weight$/;
+const LORA_NAME = new RegExp(
+  String.raw`^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.` +
+    String.raw`(q|k|v|o|gate|up|down)_proj\.lora_(A|B)(?:\.([^.]+))?\.weight$`,
+);
 
 async function readConfigFile(files: ModelFiles, model: ModelConfig): Promise<ParsedConfig> {
   const file = files.path(ADAPTER_CONFIG);
@@ -280,8 +285,8 @@ async function readConfigFile(files: ModelFiles, model: ModelConfig): Promise<Pa
   if (text === null) {
     throw new AdapterFormatError(
       file,
-      "file not found; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors " +
-        "(as PeftModel.save_pretrained writes them)",
+      "file not found; a PEFT adapter folder holds adapter_config.json and " +
+        "adapter_model.safetensors (as PeftModel.save_pretrained writes them)",
     );
   }
   let json: unknown;
@@ -313,9 +318,10 @@ export async function readPeftAdapterFiles(
     throw new AdapterFormatError(
       file,
       (await files.exists("adapter_model.bin"))
-        ? "file not found; the folder has adapter_model.bin (a PyTorch pickle), which mace does not read: " +
-          "re-save with save_pretrained(dir, safe_serialization=True)"
-        : "file not found; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",
+        ? "file not found; the folder has adapter_model.bin (a PyTorch pickle), which mace does " +
+          "not read: re-save with save_pretrained(dir, safe_serialization=True)"
+        : "file not found; a PEFT adapter folder holds adapter_config.json and " +
+          "adapter_model.safetensors",
     );
   }
   const fail: (detail: string, tensor?: string) => never = (detail, tensor) => {
@@ -341,8 +347,10 @@ export async function readPeftAdapterFiles(
     if (m === null) {
       fail(
         /\.lora_(A|B)\b/.test(info.name)
-          ? "LoRA on this module is not supported; mace adapts q/k/v/o/gate/up/down_proj of the decoder layers"
-          : "unexpected tensor; mace reads only LoRA lora_A/lora_B weights (no DoRA magnitudes, biases or modules_to_save)",
+          ? "LoRA on this module is not supported; mace adapts q/k/v/o/gate/up/down_proj of the " +
+            "decoder layers"
+          : "unexpected tensor; mace reads only LoRA lora_A/lora_B weights (no DoRA magnitudes, " +
+            "biases or modules_to_save)",
         info.name,
       );
     }

@@ -11,7 +11,10 @@ export interface ByteSource {
   name: string;
   /** Size in bytes. */
   size: number;
-  /** Exactly `length` bytes at `offset`, in a fresh buffer the caller may keep; throws on a short read. */
+  /**
+   * Exactly `length` bytes at `offset`, in a fresh buffer the caller may keep; throws on a short
+   * read.
+   */
   read(offset: number, length: number): Promise<Uint8Array>;
 }
 

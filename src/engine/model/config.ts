@@ -107,7 +107,8 @@ export function parseHfConfig(json: unknown, file: string): ModelConfig {
   } else {
     if (hiddenSize % numHeads !== 0) {
       fail(
-        `hidden_size ${hiddenSize} is not divisible by num_attention_heads ${numHeads}; set "head_dim"`,
+        `hidden_size ${hiddenSize} is not divisible by num_attention_heads ${numHeads}; set ` +
+          `"head_dim"`,
       );
     }
     headDim = hiddenSize / numHeads;
@@ -251,7 +252,9 @@ export interface TensorSpec {
   shape: number[];
 }
 
-/** Every tensor the config implies, in HF's usual file order (embeddings, layers, norm, lm_head). */
+/**
+ * Every tensor the config implies, in HF's usual file order (embeddings, layers, norm, lm_head).
+ */
 export function expectedTensors(config: ModelConfig): TensorSpec[] {
   const { hiddenSize: d, intermediateSize: ff, vocabSize: v, headDim: hd } = config;
   const qOut = config.numHeads * hd;
@@ -282,7 +285,10 @@ export function parameterCount(config: ModelConfig): number {
   return expectedTensors(config).reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0);
 }
 
-/** config.json text for a config (the fields of models/stories260K/config.json, plus what qwen2/llama3 need). */
+/**
+ * config.json text for a config (the fields of models/stories260K/config.json, plus what
+ * qwen2/llama3 need).
+ */
 export function hfConfigJson(config: ModelConfig, torchDtype = "float32"): Record<string, unknown> {
   const out: Record<string, unknown> = {
     architectures: [config.architecture === "qwen2" ? "Qwen2ForCausalLM" : "LlamaForCausalLM"],

@@ -52,9 +52,10 @@ export async function convertLlama2cToHf(
   tokenizerPath: string,
   outDir: string,
 ): Promise<void> {
-  // Parse the tokenizer first: a bad tokenizer fails before anything is written.
-  const tokenizerJson = llama2cTokenizerJson(await readFileBytes(tokenizerPath), tokenizerPath);
+  // Open the checkpoint, then parse the tokenizer: either fails before anything is written, and a
+  // missing checkpoint is named before the tokenizer path derived from it.
   const source = await openLlama2c(await fileByteSource(binPath));
+  const tokenizerJson = llama2cTokenizerJson(await readFileBytes(tokenizerPath), tokenizerPath);
   await writeHfWeights(source, outDir, "F32");
   await writeTextFile(joinPath(outDir, "tokenizer.json"), JSON.stringify(tokenizerJson));
   await writeTextFile(

@@ -50,7 +50,8 @@ export function f32ToF16Bits(x: number): number {
   }
   let r = (e << 10) | (mant >>> 13);
   const rem = mant & 0x1fff;
-  if (rem > 0x1000 || (rem === 0x1000 && (r & 1))) r++; // a carry into the exponent is correct, up to Inf
+  // A carry into the exponent is correct, up to Inf.
+  if (rem > 0x1000 || (rem === 0x1000 && (r & 1))) r++;
   return sign | r;
 }
 

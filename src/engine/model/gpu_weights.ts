@@ -1,6 +1,6 @@
 /**
  * Uploads a model's weights to the GPU as the forward pass wants them:
- *  - q/k/v projections fused into one [(H + 2*Hkv)*hd, D] matrix (and their biases into one vector),
+ *  - q/k/v projections fused into one [(H + 2*Hkv)*hd, D] matrix (their biases into one vector),
  *  - gate/up fused into one [2I, D] matrix,
  *  - matrices split by rows into chunks that each fit one storage binding,
  *  - f32, or f16 packed two per u32 along the input dimension.

@@ -36,8 +36,8 @@ export async function readHfConfig(files: ModelFiles): Promise<ModelConfig> {
   if (json === null) {
     throw new ModelFormatError(
       files.path("config.json"),
-      "missing config.json: a Hugging Face model folder needs config.json next to its *.safetensors " +
-        "weights (or pass a llama2.c .bin checkpoint instead of a folder)",
+      "missing config.json: a Hugging Face model folder needs config.json next to its " +
+        "*.safetensors weights (or pass a llama2.c .bin checkpoint instead of a folder)",
     );
   }
   return parseHfConfig(json, files.path("config.json"));
@@ -99,7 +99,8 @@ async function openShard(
     if (referencedBy) {
       throw new ModelFormatError(
         files.path(referencedBy),
-        `lists shard ${name}, which is missing from ${files.root}; download every shard named in the index`,
+        `lists shard ${name}, which is missing from ${files.root}; download every shard named in ` +
+          `the index`,
       );
     }
     throw new ModelFormatError(files.path(name), "file not found");
@@ -133,11 +134,13 @@ async function resolveWeights(files: ModelFiles, config: ModelConfig): Promise<R
     headers.push(await openShard(files, SINGLE_FILE));
   } else {
     const hint = (await files.exists("pytorch_model.bin"))
-      ? " (found pytorch_model.bin: convert it to safetensors, e.g. save_pretrained(..., safe_serialization=True))"
+      ? " (found pytorch_model.bin: convert it to safetensors, e.g. save_pretrained(..., " +
+        "safe_serialization=True))"
       : "";
     throw new ModelFormatError(
       files.path(SINGLE_FILE),
-      `missing weights: expected ${SINGLE_FILE}, or ${INDEX_FILE} with its shards, in ${files.root}${hint}`,
+      `missing weights: expected ${SINGLE_FILE}, or ${INDEX_FILE} with its shards, in ` +
+        `${files.root}${hint}`,
     );
   }
 
@@ -169,7 +172,8 @@ async function resolveWeights(files: ModelFiles, config: ModelConfig): Promise<R
       if (found.source.name !== files.path(shard)) {
         throw new ModelFormatError(
           files.path(INDEX_FILE),
-          `places this tensor in ${shard}, but it is in ${found.source.name}; the index does not match the shards`,
+          `places this tensor in ${shard}, but it is in ${found.source.name}; the index does not ` +
+            `match the shards`,
           tensor,
         );
       }
@@ -177,9 +181,9 @@ async function resolveWeights(files: ModelFiles, config: ModelConfig): Promise<R
   }
 
   const plan: TensorInfo[] = [];
-  const describe =
-    `config.json: hidden_size=${config.hiddenSize}, intermediate_size=${config.intermediateSize}, ` +
-    `heads=${config.numHeads}, kv_heads=${config.numKvHeads}, head_dim=${config.headDim}, vocab_size=${config.vocabSize}`;
+  const describe = `config.json: hidden_size=${config.hiddenSize}, ` +
+    `intermediate_size=${config.intermediateSize}, heads=${config.numHeads}, ` +
+    `kv_heads=${config.numKvHeads}, head_dim=${config.headDim}, vocab_size=${config.vocabSize}`;
   for (const spec of expectedTensors(config)) {
     const t = where.get(spec.name);
     if (!t) {

@@ -58,7 +58,8 @@ export function parseLlama2cHeader(bytes: Uint8Array, file: string): Llama2cHead
     throw new ModelFormatError(
       file,
       `llama2.c export version ${v.getInt32(4, true)} (magic "ak42") is not supported; ` +
-        "export the legacy format (export.py --version 0) or convert the model to Hugging Face safetensors",
+        "export the legacy format (export.py --version 0) or convert the model to Hugging Face " +
+        "safetensors",
     );
   }
   const ints = Array.from({ length: 7 }, (_, i) => v.getInt32(i * 4, true));

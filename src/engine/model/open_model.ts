@@ -26,7 +26,8 @@ export interface OpenModelOptions {
 }
 
 const USAGE =
-  "pass a Hugging Face model folder (config.json + model.safetensors) or a llama2.c .bin checkpoint";
+  "pass a Hugging Face model folder (config.json + model.safetensors) or a llama2.c .bin " +
+  "checkpoint";
 
 async function resolveTokenizer(
   path: string,
@@ -35,7 +36,8 @@ async function resolveTokenizer(
   if (kind === null) {
     throw new ModelFormatError(
       path,
-      "tokenizer not found; pass a folder with tokenizer.json, a tokenizer.json file, or a llama2.c tokenizer .bin",
+      "tokenizer not found; pass a folder with tokenizer.json, a tokenizer.json file, or a " +
+        "llama2.c tokenizer .bin",
     );
   }
   if (kind === "dir") {

@@ -131,7 +131,10 @@ export function randomModelConfig(spec: RandomModelSpec): ModelConfig {
   };
 }
 
-/** 32-bit FNV-1a of the name mixed with the seed, then splitmix32 steps: a well-spread per-tensor seed. */
+/**
+ * 32-bit FNV-1a of the name mixed with the seed, then splitmix32 steps: a well-spread per-tensor
+ * seed.
+ */
 function tensorSeed(seed: number, name: string): number {
   let h = 0x811c9dc5 ^ (seed >>> 0);
   for (let i = 0; i < name.length; i++) h = Math.imul(h ^ name.charCodeAt(i), 0x01000193);
@@ -181,7 +184,9 @@ export function fillRandomNormal(out: Float32Array, seed: number, mean: number, 
   }
 }
 
-/** The values of one tensor of a random model: norms ~ 1 + N(0, 0.02), everything else ~ N(0, 0.02). */
+/**
+ * The values of one tensor of a random model: norms ~ 1 + N(0, 0.02), everything else ~ N(0, 0.02).
+ */
 export function randomTensorData(
   spec: RandomModelSpec,
   name: string,
@@ -199,7 +204,8 @@ export function randomModelSource(spec: RandomModelSpec): ModelSource {
   return {
     config,
     description:
-      `random ${spec.architecture} model (hidden ${spec.hiddenSize}, ${spec.numLayers} layers, seed ${spec.seed})`,
+      `random ${spec.architecture} model (hidden ${spec.hiddenSize}, ${spec.numLayers} layers, ` +
+      `seed ${spec.seed})`,
     tokenizerDir: null,
     llama2cTokenizerPath: null,
     generationConfig: config.eosTokenIds.length ? { eosTokenIds: config.eosTokenIds } : null,

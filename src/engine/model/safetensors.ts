@@ -54,7 +54,8 @@ export async function readSafetensorsHeader(source: ByteSource): Promise<Safeten
   const headerLen64 = new DataView(lenBytes.buffer, lenBytes.byteOffset, 8).getBigUint64(0, true);
   if (headerLen64 > BigInt(source.size - 8)) {
     fail(
-      `header length ${headerLen64} exceeds the file size ${source.size} bytes (truncated, or not a safetensors file)`,
+      `header length ${headerLen64} exceeds the file size ${source.size} bytes (truncated, or ` +
+        `not a safetensors file)`,
     );
   }
   const headerLen = Number(headerLen64);
@@ -134,7 +135,8 @@ export async function readSafetensorsHeader(source: ByteSource): Promise<Safeten
     }
     if (end > dataSize) {
       fail(
-        `data_offsets [${begin}, ${end}] run past the end of the data (${dataSize} bytes after the header); ` +
+        `data_offsets [${begin}, ${end}] run past the end of the data (${dataSize} bytes after ` +
+          `the header); ` +
           "the file is truncated or corrupt",
         name,
       );
@@ -178,7 +180,10 @@ export async function readTensor(info: TensorInfo): Promise<Float32Array> {
   return decodeToF32(bytes, info.dtype);
 }
 
-/** A tensor to write: data as float32, stored as `dtype`; `data` may be produced lazily (one at a time). */
+/**
+ * A tensor to write: data as float32, stored as `dtype`; `data` may be produced lazily (one at a
+ * time).
+ */
 export interface TensorToWrite {
   name: string;
   shape: number[];
@@ -186,7 +191,10 @@ export interface TensorToWrite {
   data: Float32Array | (() => Float32Array | Promise<Float32Array>);
 }
 
-/** Header bytes (length prefix + JSON padded with spaces to a multiple of 8) for tensors in the given order. */
+/**
+ * Header bytes (length prefix + JSON padded with spaces to a multiple of 8) for tensors in the
+ * given order.
+ */
 export function encodeSafetensorsHeader(
   tensors: { name: string; shape: number[]; dtype: WeightDtype }[],
   metadata?: Record<string, string>,
@@ -236,7 +244,10 @@ async function writeTo(
   }
 }
 
-/** Writes a safetensors file, tensors in the given order (lazy data is produced and dropped one at a time). */
+/**
+ * Writes a safetensors file, tensors in the given order (lazy data is produced and dropped one at a
+ * time).
+ */
 export async function writeSafetensors(
   path: string,
   tensors: TensorToWrite[],

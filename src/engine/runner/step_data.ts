@@ -6,11 +6,7 @@
  */
 import { FEEDBACK_TOKEN, type StepPlan } from "../step.ts";
 import { planAttention } from "../kernels/attention.ts";
-import {
-  packSamplingParams,
-  SAMPLING_PARAMS_BYTES,
-  type SamplingOptions,
-} from "../kernels/sample.ts";
+import { packSamplingParams, SAMPLING_PARAMS_BYTES, type SamplingRow } from "../kernels/sample.ts";
 import { InvalidRequestError, UnknownAdapterError } from "../errors.ts";
 import { NO_ADAPTER_SLOT } from "../kernels/lora.ts";
 
@@ -121,7 +117,7 @@ export function packStep(
   let feedbackTokens = 0, numMassChunks = 0, loraTokens = 0;
   /** Physical KV slots (block * blockSize + offset) written this step by trackMass sequences. */
   const newMassSlots: number[] = [];
-  const samplingRows: SamplingOptions[] = [];
+  const samplingRows: SamplingRow[] = [];
 
   if (plan.sequences.length > cap.maxSeqs) {
     throw new InvalidRequestError(

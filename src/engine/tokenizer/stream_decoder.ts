@@ -46,7 +46,10 @@ export class StreamDecoder {
     private readonly options: { skipSpecialTokens?: boolean } = {},
   ) {}
 
-  /** Adds one id; returns the text it completes ("" while a character or clean-up rule is unfinished). */
+  /**
+   * Adds one id; returns the text it completes ("" while a character or clean-up rule is
+   * unfinished).
+   */
   push(id: number): string {
     this.#window.push(id);
     let text: string;
@@ -73,7 +76,10 @@ export class StreamDecoder {
     return out;
   }
 
-  /** Emits text[emitted.length, end) after checking the window's text still extends what was emitted. */
+  /**
+   * Emits text[emitted.length, end) after checking the window's text still extends what was
+   * emitted.
+   */
   #take(text: string, end: number): string {
     if (!text.startsWith(this.#emitted)) {
       throw new Error(

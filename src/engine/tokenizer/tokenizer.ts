@@ -15,7 +15,10 @@ export interface Tokenizer {
   readonly bosId: number | null;
   /** Ids that end generation: tokenizer_config's eos_token. */
   readonly eosIds: number[];
-  /** addSpecialTokens (default true) adds BOS/EOS as tokenizer_config says (add_bos_token, add_eos_token). */
+  /**
+   * addSpecialTokens (default true) adds BOS/EOS as tokenizer_config says (add_bos_token,
+   * add_eos_token).
+   */
   encode(text: string, options?: { addSpecialTokens?: boolean }): number[];
   /** skipSpecialTokens (default false) drops special tokens such as BOS/EOS from the text. */
   decode(ids: number[], options?: { skipSpecialTokens?: boolean }): string;

@@ -23,10 +23,12 @@ import { DpoLoss } from "../kernels/dpo_loss.ts";
 import { GradSquareSum } from "../kernels/grad_norm.ts";
 import { AdamW, adamwParams, Sgd, sgdParams } from "../kernels/optimizer.ts";
 import { LoraParams } from "./lora_params.ts";
-import { TrainingGraph } from "./training_graph.ts";
+import { type ForwardOptions, TrainingGraph } from "./training_graph.ts";
 import { planDpoSlices, type TrainingSlice } from "./slice_plan.ts";
 
-/** A tokenized preference pair: prompt (with BOS), responses (each ending in EOS unless truncated). */
+/**
+ * A tokenized preference pair: prompt (with BOS), responses (each ending in EOS unless truncated).
+ */
 export interface TrainingPair {
   prompt: number[];
   chosen: number[];
@@ -62,6 +64,9 @@ export const DEFAULT_DPO_OPTIONS: DpoOptions = {
 };
 
 export type { TrainingSlice };
+
+/** A slice of one of the kinds that cover a layer range. */
+type LayerSlice<K extends TrainingSlice["kind"]> = Extract<TrainingSlice, { kind: K }>;
 
 export interface PairStats {
   loss: number;
@@ -206,6 +211,19 @@ export class DpoTrainer {
     );
   }
 
+  /**
+   * Drops the step in progress without an optimizer update (an iteration failed and its slices'
+   * results are unknown): the gradients accumulated so far are cleared.
+   */
+  abandonStep(): void {
+    const encoder = this.#ctx.device.createCommandEncoder({ label: "dpo.abandon" });
+    this.params.clearGrads(encoder);
+    this.#ctx.device.queue.submit([encoder.finish()]);
+    this.#pairs = [];
+    this.#forwarded = -1;
+    this.#forwardAt = null;
+  }
+
   #begin(pairs: TrainingPair[]) {
     const o = this.options;
     if (pairs.length === 0 || pairs.length > o.maxPairsPerStep) {
@@ -218,8 +236,8 @@ export class DpoTrainer {
         const length = p.prompt.length + response.length;
         if (p.prompt.length < 1 || response.length < 1 || length > o.maxLength) {
           throw new InvalidRequestError(
-            `pair ${j}: ${name} has prompt ${p.prompt.length} + response ${response.length} tokens; ` +
-              `need a non-empty prompt and response and at most max length ${o.maxLength}`,
+            `pair ${j}: ${name} has prompt ${p.prompt.length} + response ${response.length} ` +
+              `tokens; need a non-empty prompt and response and at most max length ${o.maxLength}`,
           );
         }
       }
@@ -231,51 +249,83 @@ export class DpoTrainer {
 
   /** Records and submits one slice; reference slices also wait for their log-probs. */
   async runSlice(slice: TrainingSlice): Promise<void> {
-    const ctx = this.#ctx;
-    const encoder = ctx.device.createCommandEncoder({ label: `dpo.${slice.kind}` });
     switch (slice.kind) {
-      case "reference": {
-        const pair = this.#pairs[slice.pair];
-        this.#advance(slice);
-        if (slice.fromLayer === 0) this.#loadPair(pair, slice.pair);
-        this.graph.encodeForward(encoder, 0, false, false, slice.fromLayer, slice.toLayer);
-        this.graph.encodeForward(encoder, 1, false, false, slice.fromLayer, slice.toLayer);
-        ctx.device.queue.submit([encoder.finish()]);
-        if (slice.toLayer < this.model.numLayers) return;
-        const sum = async (slot: 0 | 1) => {
-          const s = this.graph.slots[slot];
-          const logp = await readF32(ctx, s.logp, s.length - s.promptLength, s.promptLength - 1);
-          return logp.reduce((a, b) => a + b, 0);
-        };
-        this.#refCache.set(pairKey(pair), { chosen: await sum(0), rejected: await sum(1) });
-        return;
-      }
+      case "reference":
+        return await this.#runReference(slice);
       case "forward":
-        this.#advance(slice);
-        this.#encodeForwardAndLoss(encoder, slice.pair, true, slice.fromLayer, slice.toLayer);
-        if (slice.toLayer === this.model.numLayers) this.#forwarded = slice.pair;
-        break;
-      case "backward": {
-        if (this.#forwarded !== slice.pair) {
-          throw new Error(
-            `backward slice of pair ${slice.pair} without its forward slice just before`,
-          );
-        }
-        for (const slot of [0, 1] as const) {
-          if (slice.fromLayer === this.model.numLayers) {
-            this.graph.encodeHeadBackward(encoder, slot, this.#lossOut);
-          }
-          for (let l = slice.fromLayer - 1; l >= slice.toLayer; l--) {
-            this.graph.encodeLayerBackward(encoder, l, slot);
-          }
-        }
-        break;
-      }
+        return this.#runForward(slice);
+      case "backward":
+        return this.#runBackward(slice);
       case "optimizer":
-        this.#encodeOptimizer(encoder);
-        break;
+        return this.#submit("optimizer", (encoder) => this.#encodeOptimizer(encoder));
     }
-    ctx.device.queue.submit([encoder.finish()]);
+  }
+
+  /** Records `record` into one command encoder labelled dpo.<kind> and submits it. */
+  #submit(kind: TrainingSlice["kind"], record: (encoder: GPUCommandEncoder) => void): void {
+    const encoder = this.#ctx.device.createCommandEncoder({ label: `dpo.${kind}` });
+    record(encoder);
+    this.#ctx.device.queue.submit([encoder.finish()]);
+  }
+
+  /**
+   * The adapter-off forward of the pair's two sequences through the slice's layers; at the last
+   * layer their summed response log-probs are read back and cached.
+   */
+  async #runReference(slice: LayerSlice<"reference">): Promise<void> {
+    const pair = this.#pairs[slice.pair];
+    this.#advance(slice);
+    if (slice.fromLayer === 0) this.#loadPair(pair, slice.pair);
+    const { fromLayer, toLayer } = slice;
+    this.#submit("reference", (encoder) => {
+      for (const slot of [0, 1] as const) {
+        this.graph.encodeForward(encoder, slot, {
+          adapter: false,
+          dropout: false,
+          fromLayer,
+          toLayer,
+        });
+      }
+    });
+    if (toLayer < this.model.numLayers) return;
+    const sum = async (slot: 0 | 1) => {
+      const s = this.graph.slots[slot];
+      const logp = await readF32(this.#ctx, s.logp, s.length - s.promptLength, s.promptLength - 1);
+      return logp.reduce((a, b) => a + b, 0);
+    };
+    // Both copies are submitted now, before any later work can overwrite the slots.
+    const [chosen, rejected] = await Promise.all([sum(0), sum(1)]);
+    this.#refCache.set(pairKey(pair), { chosen, rejected });
+  }
+
+  /** The training forward (dropout on) of the pair through the slice's layers, then its loss. */
+  #runForward(slice: LayerSlice<"forward">): void {
+    this.#advance(slice);
+    const { pair, fromLayer, toLayer } = slice;
+    this.#submit("forward", (encoder) => {
+      this.#encodeForwardAndLoss(encoder, pair, { dropout: true, fromLayer, toLayer });
+    });
+    if (toLayer === this.model.numLayers) this.#forwarded = pair;
+  }
+
+  /**
+   * The backward of the pair's two sequences: the head when the slice starts at the last layer,
+   * then layers fromLayer-1 down to toLayer; the adapter's gradients accumulate.
+   */
+  #runBackward(slice: LayerSlice<"backward">): void {
+    if (this.#forwarded !== slice.pair) {
+      throw new Error(`backward slice of pair ${slice.pair} without its forward slice just before`);
+    }
+    this.#submit("backward", (encoder) => {
+      for (const slot of [0, 1] as const) {
+        if (slice.fromLayer === this.model.numLayers) {
+          this.graph.encodeHeadBackward(encoder, slot, this.#lossOut);
+        }
+        for (let l = slice.fromLayer - 1; l >= slice.toLayer; l--) {
+          this.graph.encodeLayerBackward(encoder, l, slot);
+        }
+      }
+    });
   }
 
   /**
@@ -306,32 +356,30 @@ export class DpoTrainer {
    * A forward or reference slice continues the sequences in the graph's slots: one starting past
    * layer 0 must follow the slice of the same kind and pair that ended at its first layer.
    */
-  #advance(
-    slice: { kind: "reference" | "forward"; pair: number; fromLayer: number; toLayer: number },
-  ) {
+  #advance(slice: LayerSlice<"reference" | "forward">) {
     const at = this.#forwardAt;
     if (
       slice.fromLayer > 0 &&
       (at?.kind !== slice.kind || at.pair !== slice.pair || at.layer !== slice.fromLayer)
     ) {
       throw new Error(
-        `${slice.kind} slice of pair ${slice.pair} from layer ${slice.fromLayer} without the slice before it`,
+        `${slice.kind} slice of pair ${slice.pair} from layer ${slice.fromLayer} without the ` +
+          `slice before it`,
       );
     }
     this.#forwardAt = { kind: slice.kind, pair: slice.pair, layer: slice.toLayer };
   }
 
   /**
-   * Policy forward of pair j's two sequences through layers [fromLayer, toLayer) (dropout in
-   * training only), then, at the last layer, its DPO loss.
+   * Policy forward of pair j's two sequences through layers [fromLayer, toLayer) (default: all;
+   * LoRA dropout when training), then, at the last layer, its DPO loss.
    */
   #encodeForwardAndLoss(
     encoder: GPUCommandEncoder,
     j: number,
-    training: boolean,
-    fromLayer = 0,
-    toLayer = this.model.numLayers,
+    options: Pick<ForwardOptions, "dropout" | "fromLayer" | "toLayer">,
   ) {
+    const { dropout, fromLayer = 0, toLayer = this.model.numLayers } = options;
     const pair = this.#pairs[j];
     if (fromLayer === 0) {
       const ref = this.#refCache.get(pairKey(pair));
@@ -344,8 +392,9 @@ export class DpoTrainer {
         new Float32Array([ref.chosen, ref.rejected]),
       );
     }
-    this.graph.encodeForward(encoder, 0, true, training, fromLayer, toLayer);
-    this.graph.encodeForward(encoder, 1, true, training, fromLayer, toLayer);
+    for (const slot of [0, 1] as const) {
+      this.graph.encodeForward(encoder, slot, { adapter: true, dropout, fromLayer, toLayer });
+    }
     if (toLayer === this.model.numLayers) this.#encodeLoss(encoder, j);
   }
 
@@ -501,7 +550,7 @@ export class DpoTrainer {
           });
         }
         const encoder = this.#ctx.device.createCommandEncoder({ label: "dpo.evaluate" });
-        this.#encodeForwardAndLoss(encoder, j, false);
+        this.#encodeForwardAndLoss(encoder, j, { dropout: false });
         this.#ctx.device.queue.submit([encoder.finish()]);
       }
       stats.push(...await this.#readPairStats(batch.length));

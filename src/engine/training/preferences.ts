@@ -446,8 +446,8 @@ export async function readPreferencePairs(
           `unknown record keys [${
             Object.keys(value).join(", ")
           }]; expected hh (chosen, rejected), ` +
-          "ultrafeedback (prompt, chosen, rejected), chat (input, preferred_output, non_preferred_output) " +
-          "or llamafactory (conversations, chosen, rejected)",
+          "ultrafeedback (prompt, chosen, rejected), chat (input, preferred_output, " +
+          "non_preferred_output) or llamafactory (conversations, chosen, rejected)",
       });
       continue;
     }

@@ -7,8 +7,9 @@
  *
  * Tokens: prompt = BOS (when the tokenizer adds one and the text does not already start with
  * it) + prompt tokens; response = its tokens without special tokens, as they follow the prompt
- * in the whole text, + EOS (unless the template already ended it with EOS). The prompt keeps its last maxPromptLength tokens (BOS stays
- * first); each response keeps its first maxLength − prompt tokens (its EOS is lost when cut).
+ * in the whole text, + EOS (unless the template already ended it with EOS). The prompt keeps its
+ * last maxPromptLength tokens (BOS stays first); each response keeps its first maxLength − prompt
+ * tokens (its EOS is lost when cut).
  */
 import { Template } from "@huggingface/jinja";
 import { InvalidRequestError, ModelFormatError } from "../errors.ts";
@@ -103,8 +104,9 @@ function pairTexts(
   }
   const template = p.template;
   if (template === null) {
-    return "a conversational pair needs a chat template and the tokenizer has none; " +
-      "use a plain-text dataset (hh, or ultrafeedback with string fields) or a model with a chat_template";
+    return "a conversational pair needs a chat template and the tokenizer has none; use a " +
+      "plain-text dataset (hh, or ultrafeedback with string fields) or a model with a " +
+      "chat_template";
   }
   const render = (messages: ChatMessage[], addGenerationPrompt: boolean) =>
     template.render({
@@ -119,9 +121,10 @@ function pairTexts(
     for (const name of ["chosen", "rejected"] as const) {
       const full = render([...pair.prompt, ...pair[name]], false);
       if (!full.startsWith(prompt)) {
-        return `the chat template renders prompt + ${name} without the rendered prompt at its start ` +
-          "(the template changes earlier turns, or its generation prompt differs from the assistant turn), " +
-          "so the response cannot be split off";
+        return `the chat template renders prompt + ${name} without the rendered prompt at its ` +
+          `start ` +
+          "(the template changes earlier turns, or its generation prompt differs from the " +
+          "assistant turn), so the response cannot be split off";
       }
       texts[name] = full.slice(prompt.length);
     }

@@ -53,6 +53,25 @@ interface Columns {
   offset: number;
 }
 
+/** What a forward of a loaded slot runs (TrainingGraph.encodeForward). */
+export interface ForwardOptions {
+  /** Add the LoRA adapter's output (false: the frozen base, for the reference log-probs). */
+  adapter: boolean;
+  /** LoRA dropout on the adapter's inputs (training only; needs `adapter`). */
+  dropout: boolean;
+  /** Layers [fromLayer, toLayer) to record; default: all of them. */
+  fromLayer?: number;
+  toLayer?: number;
+}
+
+/** One layer's forward (#layerForward): ForwardOptions' switches, and where it may stop. */
+interface LayerForwardOptions {
+  adapter: boolean;
+  dropout: boolean;
+  /** Stop after the SwiGLU (the recompute for the backward needs no down projection). */
+  stopAfterSwiglu: boolean;
+}
+
 export interface SequenceSlot {
   /** u32 [maxT]: token ids; targets[t] = tokens[t + 1]. */
   tokens: GPUBuffer;
@@ -105,7 +124,8 @@ export class TrainingGraph {
   readonly #last: GPUBuffer; // [64, D] normed rows of a head chunk
   readonly #dLast: GPUBuffer; // [64, D]
   readonly #logits: GPUBuffer; // [64, V]
-  readonly #zeroSlots: GPUBuffer; // u32 [maxT] zeros: every row on pool slot 0 (the trained adapter)
+  /** u32 [maxT] zeros: every row on pool slot 0 (the trained adapter). */
+  readonly #zeroSlots: GPUBuffer;
   readonly #invFreq: GPUBuffer;
   /** LoRA dropout probability; with p > 0, [T, widest LoRA input] buffers for x and dx paths. */
   readonly #dropoutP: number;
@@ -216,7 +236,8 @@ export class TrainingGraph {
     const T = tokens.length;
     if (T > this.maxTokens || promptLength < 1 || promptLength >= T) {
       throw new RangeError(
-        `training sequence of ${T} tokens with prompt ${promptLength}: need 1 <= prompt < length <= ${this.maxTokens}`,
+        `training sequence of ${T} tokens with prompt ${promptLength}: need 1 <= prompt < length ` +
+          `<= ${this.maxTokens}`,
       );
     }
     s.length = T;
@@ -415,22 +436,19 @@ export class TrainingGraph {
   }
 
   /**
-   * Layer l's forward on `hidden` (holding x_l; updated in place): with `toAct` it stops after
-   * the SwiGLU (the recompute for the backward needs no down projection), leaving hidden = the
-   * residual after attention.
+   * Layer l's forward on `hidden` (holding x_l; updated in place): with `stopAfterSwiglu` it
+   * stops after the SwiGLU, leaving hidden = the residual after attention.
    */
   #layerForward(
     pass: GPUComputePassEncoder,
     l: number,
     s: SequenceSlot,
     hidden: GPUBuffer,
-    withAdapter: boolean,
-    toAct: boolean,
-    dropout: boolean,
+    { adapter, dropout, stopAfterSwiglu }: LayerForwardOptions,
   ) {
     const k = this.#kernels, w = this.weights.layers[l], T = s.length;
     const key = `L${l}.${hidden.label}.${s.rows.label}`;
-    const adapted = (t: LoraTarget) => (withAdapter ? this.lora.projection(l, t) : undefined);
+    const adapted = (t: LoraTarget) => (adapter ? this.lora.projection(l, t) : undefined);
 
     k.norm.encode(
       pass,
@@ -526,7 +544,7 @@ export class TrainingGraph {
       this.#group(`${key}.swiglu`, () => k.swiglu.bind(s.rows, this.#gateUp, this.#act)),
       T,
     );
-    if (toAct) return;
+    if (stopAfterSwiglu) return;
     this.#linear(pass, `${key}.down`, s, s.rows, T, this.#act, w.down, null, hidden, true);
     const pd = adapted("down");
     if (pd) {
@@ -544,14 +562,8 @@ export class TrainingGraph {
    * records part of it: the embedding when fromLayer = 0, layers fromLayer..toLayer-1 from
    * checkpoint x_fromLayer, the head when toLayer = L; ranges run in order give the full forward.
    */
-  encodeForward(
-    encoder: GPUCommandEncoder,
-    slotIndex: 0 | 1,
-    withAdapter: boolean,
-    dropout: boolean,
-    fromLayer = 0,
-    toLayer = this.#c.numLayers,
-  ): void {
+  encodeForward(encoder: GPUCommandEncoder, slotIndex: 0 | 1, options: ForwardOptions): void {
+    const { adapter, dropout, fromLayer = 0, toLayer = this.#c.numLayers } = options;
     const s = this.slots[slotIndex], k = this.#kernels, T = s.length, D = this.#c.hiddenSize;
     let pass: GPUComputePassEncoder;
     if (fromLayer === 0) {
@@ -568,7 +580,11 @@ export class TrainingGraph {
     for (let l = fromLayer; l < toLayer; l++) {
       encoder.copyBufferToBuffer(s.checkpoints[l], 0, s.checkpoints[l + 1], 0, T * D * 4);
       pass = encoder.beginComputePass();
-      this.#layerForward(pass, l, s, s.checkpoints[l + 1], withAdapter, false, dropout);
+      this.#layerForward(pass, l, s, s.checkpoints[l + 1], {
+        adapter,
+        dropout,
+        stopAfterSwiglu: false,
+      });
       pass.end();
     }
     if (toLayer < this.#c.numLayers) return;
@@ -622,7 +638,9 @@ export class TrainingGraph {
 
   // ---- backward ----
 
-  /** dx (+)= dy W for a frozen [N, K] weight W (dy columns [offset, offset + N)), chunk by chunk. */
+  /**
+   * dx (+)= dy W for a frozen [N, K] weight W (dy columns [offset, offset + N)), chunk by chunk.
+   */
   #linearBackward(
     pass: GPUComputePassEncoder,
     key: string,
@@ -814,7 +832,12 @@ export class TrainingGraph {
     const key = `B${l}.${s.rows.label}`;
     encoder.copyBufferToBuffer(s.checkpoints[l], 0, this.#mid, 0, T * D * 4);
     const pass = encoder.beginComputePass();
-    this.#layerForward(pass, l, s, this.#mid, true, true, true);
+    // The recompute runs as the training forward did: adapter and dropout on.
+    this.#layerForward(pass, l, s, this.#mid, {
+      adapter: true,
+      dropout: true,
+      stopAfterSwiglu: true,
+    });
     const dHidden: Columns = { buffer: s.dHidden, stride: D, offset: 0 };
     const adapted = (t: LoraTarget) => this.lora.projection(l, t);
 

@@ -8,7 +8,7 @@
  *
  * The serving side's mechanics (KV blocks, admission, chunking, preemption, pruning) stay in
  * BatchScheduler; this class decides what each iteration holds. Requests, feedback, tokens and
- * training are recorded in a MetricsRecorder under ../shared/DESIGN.md's metric names.
+ * training are recorded in a MetricsRecorder under the metric names of docs/ARCHITECTURE.md.
  */
 import type { StepResult } from "../../engine/step.ts";
 import { planDpoSlices, type TrainingSlice } from "../../engine/training/slice_plan.ts";
@@ -72,7 +72,10 @@ export interface IterationOutcome {
   result: StepResult | null;
   /** Measured wall time of the iteration, ms. */
   ms: number;
-  /** After an optimizer slice: each pair's DPO loss in the step (omitted: unknown, as in the simulator). */
+  /**
+   * After an optimizer slice: each pair's DPO loss in the step (omitted: unknown, as in the
+   * simulator).
+   */
   losses?: readonly number[];
 }
 
@@ -86,6 +89,44 @@ export interface IterationEffects<T> {
   publish: boolean;
 }
 
+/** What planMace decides for one iteration. */
+interface MaceDecision<T> {
+  step: ScheduledStep | null;
+  finetune: FinetuneWork<T> | null;
+  forced: boolean;
+  deadlineMs: number | null;
+  mandatoryMs: number;
+}
+
+/** The MACE iteration being planned: planMace's steps fill it in order. */
+interface MacePlan<T> {
+  /** Requests of the serving step, in order, each with its most tokens. */
+  picks: StepPick[];
+  /** Shape of what is in so far (for the cost model). */
+  shape: StepShape;
+  /** Tokens and sequences the serving step can still take. */
+  tokensLeft: number;
+  seqsLeft: number;
+  /** KV pool bytes in use, plus the decodes' new blocks and a forced slice's activations. */
+  memUsed: number;
+  /**
+   * KV blocks the step can still get (free, or cached and evictable): a prompt is admitted only
+   * if all its blocks fit, since admission never preempts.
+   */
+  kvBlocksLeft: number;
+  finetune: FinetuneWork<T> | null;
+}
+
+/** A prefill chunk packing may place: `tokens` more tokens of `request`'s prompt. */
+interface PrefillChunk {
+  request: RequestState;
+  tokens: number;
+  /** New KV blocks it takes. */
+  blocks: number;
+}
+
+type MacePlacement<T> = PrefillChunk | { slice: FinetuneWork<T> };
+
 interface DpoStep<T> {
   pairs: QueuedPair<T>[];
   slices: TrainingSlice[];
@@ -96,7 +137,10 @@ export class CoScheduler<T> {
   readonly policy: PolicyOptions;
   readonly queue: FinetuneQueue<T>;
   optimizerSteps = 0;
-  /** Longest a slice waited (from the last slice, or from fine-tuning getting work) before it ran, ms. */
+  /**
+   * Longest a slice waited (from the last slice, or from fine-tuning getting work) before it ran,
+   * ms.
+   */
   maxFinetuneWaitMs = 0;
   private readonly batch: BatchScheduler;
   private readonly cost: CostModel;
@@ -138,14 +182,18 @@ export class CoScheduler<T> {
     return req;
   }
 
-  /** Feedback pairs arrive for fine-tuning (ignored for training by inference-only, still counted). */
+  /**
+   * Feedback pairs arrive for fine-tuning (ignored for training by inference-only, still counted).
+   */
   addFeedback(items: readonly FeedbackItem<T>[], now: number): void {
     if (!this.hasFinetuneWork()) this.finetuneClock = now;
     for (const item of items) this.queue.add(item, now);
     this.metrics?.feedback(now, items.map((i) => i.id));
   }
 
-  /** True while a request is live or (for a training policy) fine-tuning has work it may start now. */
+  /**
+   * True while a request is live or (for a training policy) fine-tuning has work it may start now.
+   */
   hasWork(now: number): boolean {
     return this.batch.hasWork() || this.finetuneRunnable(now);
   }
@@ -249,6 +297,18 @@ export class CoScheduler<T> {
       }
     }
     return effects;
+  }
+
+  /**
+   * Abandons the DPO step in progress after a failed iteration (the GPU state of its slices is
+   * unknown): its pairs wait again and the next step starts from the first slice. Retraining jobs
+   * (periodic, synchronous) keep their pairs.
+   */
+  abortFinetuneStep(): void {
+    if (!this.dpo) return;
+    this.queue.release(this.dpo.pairs);
+    if (this.job) this.job.push(...this.dpo.pairs);
+    this.dpo = null;
   }
 
   /**
@@ -361,183 +421,246 @@ export class CoScheduler<T> {
   }
 
   // -------------------------------------------------------------------------------------------
-  // MACE
+  // MACE: one iteration is planned in steps that fill a MacePlan in order.
 
-  private planMace(now: number): {
-    step: ScheduledStep | null;
-    finetune: FinetuneWork<T> | null;
-    forced: boolean;
-    deadlineMs: number | null;
-    mandatoryMs: number;
-  } {
+  private planMace(now: number): MaceDecision<T> {
     const p = this.policy;
-    const bm = this.batch.options.blockManager;
-    const blockBytes = this.cost.kvBytes(1);
-    const B = bm.blockSize;
-    const running = this.batch.runningRequests;
-    const picks: StepPick[] = [];
-    let shape: StepShape = { prefillTokens: 0, decodeSeqs: 0, attentionPairs: 0 };
-    let tokensLeft = this.batch.options.maxTokensPerStep;
-    let seqsLeft = this.batch.options.maxSeqsPerStep;
-    let memUsed = bm.stats().used * blockBytes;
-    const newBlocks = (req: RequestState, end: number) =>
-      Math.max(0, Math.ceil((end - req.evicted) / B) - Math.ceil(req.reservedSlots / B));
-
-    // 1. Every running decode goes in first: its TBT deadline is what the iteration must meet.
-    let deadline = Infinity;
-    for (const req of running) {
-      if (req.length - req.numScheduled !== 1 || req.samplesIssued >= req.request.maxTokens) {
-        continue;
-      }
-      if (seqsLeft === 0) break;
-      picks.push({ request: req, maxTokens: 1 });
-      seqsLeft--;
-      tokensLeft--;
-      memUsed += newBlocks(req, req.numScheduled + 1) * blockBytes;
-      shape = addChunk(shape, req.numScheduled - req.evicted, 1, true);
-      if (req.lastTokenAt >= 0) deadline = Math.min(deadline, req.lastTokenAt + p.tbtSloMs);
-    }
-    // Without a running decode no TBT deadline binds: the budget is the TTFT slack of the most
-    // urgent prompt (at least one TBT SLO, so a late prompt still gets a full chunk).
-    let ttftSlack = Infinity;
-    for (const req of [...running, ...this.batch.waitingRequests]) {
-      if (req.firstTokenAt < 0) {
-        ttftSlack = Math.min(ttftSlack, req.submittedAt + p.ttftSloMs - now);
-      }
-    }
-    const budgetMs = p.latencyMargin *
-      (Number.isFinite(deadline)
-        ? deadline - now
-        : Math.max(p.tbtSloMs, Number.isFinite(ttftSlack) ? ttftSlack : 0));
-    const memCap = p.tauMem * this.options.memoryBytes;
-
-    // 2. δ_ft: fine-tuning that has waited too long goes in regardless of fit.
-    let finetune: FinetuneWork<T> | null = null;
-    let forced = false;
-    if (this.finetuneRunnable(now) && now - this.finetuneClock >= p.deltaFtMs) {
-      finetune = this.takeSlice(now, p.gamma > 0);
-      forced = finetune !== null;
-      if (finetune) {
-        shape = { ...shape, finetune: finetune.shape };
-        memUsed += this.cost.finetuneBytes(finetune.shape);
-      }
-    }
-
-    const mandatoryMs = this.cost.predictMs(shape);
-
-    // 3. Best-fit packing of prefill chunks and (unless forced already) the next slice.
-    const prefills = [
-      ...running.filter((r) => r.length - r.numScheduled > 1 && r.numScheduled < knownLength(r)),
-      ...this.batch.waitingRequests,
-    ];
-    const prefillTasks: PackTask<{ request: RequestState; tokens: number }>[] = [];
-    const marginal = (next: StepShape) => this.cost.predictMs(next) - this.cost.predictMs(shape);
-    for (const req of prefills) {
-      const waited = (now - req.submittedAt) / 1000;
-      const slack = req.submittedAt + p.ttftSloMs - now;
-      const urgency = Math.min(2, Math.max(0, 1 - slack / p.ttftSloMs));
-      const admitted = req.reservedSlots > 0 || req.numScheduled > 0;
-      prefillTasks.push({
-        priority: p.basePriority.prefill + p.agingPerS * waited + p.urgencyWeight * urgency,
-        fit: (left: Capacity) => {
-          if (seqsLeft === 0 || tokensLeft === 0) return null;
-          const start = req.numScheduled;
-          const remaining = knownLength(req) - start;
-          const slot = start - req.evicted;
-          // Admission reserves blocks for every known token at once.
-          const memFor = (n: number) =>
-            (admitted ? newBlocks(req, start + n) : Math.ceil(knownLength(req) / B)) * blockBytes;
-          const timeFor = (n: number) => marginal(addChunk(shape, slot, n, false));
-          let n = largestFitting(
-            Math.min(remaining, tokensLeft),
-            (k) => timeFor(k) <= left.timeMs + FIT_EPSILON,
-          );
-          if (memFor(n) > left.memBytes) n = 0;
-          if (n === 0 || (n < p.minChunkTokens && n < remaining)) return null;
-          return { value: { request: req, tokens: n }, memBytes: memFor(n), timeMs: timeFor(n) };
-        },
-      });
-    }
-    const tasks: PackTask<
-      { request: RequestState; tokens: number } | { slice: FinetuneWork<T> }
-    >[] = [
-      ...prefillTasks,
-    ];
-    if (!finetune && this.finetuneRunnable(now)) {
-      const next = this.peekSlice(now, p.gamma > 0);
-      if (next) {
-        const meanLoss = next.pairs.reduce((s, q) => s + q.loss, 0) / next.pairs.length;
-        const waited = now - this.finetuneClock;
-        // Fine-tuning's share of a serving iteration's slack grows with its wait (SLO urgency, as
-        // for prefills): just served, it runs only on an otherwise idle GPU and leaves the
-        // requests' latency alone; nearing δ_ft it may take all the slack; at δ_ft it is forced.
-        const share = Math.min(1, waited / p.deltaFtMs) ** 2;
-        tasks.push({
-          priority: p.basePriority.finetune + p.agingPerS * waited / 1000 + p.gamma * meanLoss,
-          fit: (left) => {
-            const timeMs = marginal({ ...shape, finetune: next.shape });
-            const serving = picks.length > 0 || prefills.length > 0;
-            const reserved = serving ? (1 - share) * capacity.timeMs : 0;
-            if (timeMs > left.timeMs - reserved + FIT_EPSILON) return null;
-            return {
-              value: { slice: next },
-              memBytes: this.cost.finetuneBytes(next.shape),
-              timeMs,
-            };
-          },
-        });
-      }
-    }
-    const capacity: Capacity = {
-      memBytes: Math.max(0, memCap - memUsed),
-      timeMs: Math.max(0, budgetMs - this.cost.predictMs(shape)),
+    const plan: MacePlan<T> = {
+      picks: [],
+      shape: { prefillTokens: 0, decodeSeqs: 0, attentionPairs: 0 },
+      tokensLeft: this.batch.options.maxTokensPerStep,
+      seqsLeft: this.batch.options.maxSeqsPerStep,
+      memUsed: this.batch.options.blockManager.stats().used * this.cost.kvBytes(1),
+      kvBlocksLeft: this.batch.options.blockManager.numAvailableBlocks(),
+      finetune: null,
     };
+    const deadline = this.pickDecodes(plan);
+    const forced = this.forceStarvedSlice(now, plan);
+    const mandatoryMs = this.cost.predictMs(plan.shape);
+    // What the optional work may fill: memory under τ_mem, time up to the latency budget.
+    const capacity: Capacity = {
+      memBytes: Math.max(0, p.tauMem * this.options.memoryBytes - plan.memUsed),
+      timeMs: Math.max(0, this.latencyBudgetMs(now, deadline) - mandatoryMs),
+    };
+    const prefillTasks = this.prefillTasks(now, plan);
+    const tasks: PackTask<MacePlacement<T>>[] = [...prefillTasks];
+    const sliceTask = plan.finetune ? null : this.sliceTask(now, plan, prefillTasks, capacity);
+    if (sliceTask) tasks.push(sliceTask);
     const placed = bestFitPack(tasks, capacity, {
       lambdaMem: p.lambdaMem,
       lambdaTime: p.lambdaTime,
       window: p.window,
-      place: (value) => {
-        if ("slice" in value) {
-          finetune = value.slice;
-          this.dpo!.next++;
-          shape = { ...shape, finetune: value.slice.shape };
-        } else {
-          picks.push({ request: value.request, maxTokens: value.tokens });
-          shape = addChunk(
-            shape,
-            value.request.numScheduled - value.request.evicted,
-            value.tokens,
-            false,
-          );
-          seqsLeft--;
-          tokensLeft -= value.tokens;
-        }
-      },
+      place: (value) => this.place(plan, value),
     });
-    // Progress guarantee: with nothing else to run and no prefill fitting the budget, the first
-    // prefill in priority order runs a minimal chunk even if the model predicts it over budget.
-    if (placed.length === 0 && picks.length === 0 && !finetune && prefillTasks.length > 0) {
-      const head = [...prefillTasks].sort((a, b) => b.priority - a.priority)[0];
-      const chunk = head.fit({ memBytes: Infinity, timeMs: Infinity });
-      if (chunk) {
-        picks.push({
-          request: chunk.value.request,
-          maxTokens: Math.min(chunk.value.tokens, p.minChunkTokens),
-        });
-      }
-    }
-    // Likewise an idle GPU runs the next slice even if it is longer than the budget.
-    if (placed.length === 0 && picks.length === 0 && !finetune && prefillTasks.length === 0) {
-      finetune = this.takeSlice(now, p.gamma > 0);
-    }
-    const step = picks.length > 0 ? this.batch.schedule(picks) : null;
+    if (placed.length === 0) this.guaranteeProgress(now, plan, prefillTasks);
+    let step = plan.picks.length > 0 ? this.batch.schedule(plan.picks) : null;
+    // Nothing the plan picked can run now (e.g. the pool cannot admit its prompt): serve first
+    // come first served rather than idle with work waiting.
+    if (!step && !plan.finetune) step = this.batch.schedule();
     return {
       step,
-      finetune,
+      finetune: plan.finetune,
       forced,
       deadlineMs: Number.isFinite(deadline) ? deadline : null,
       mandatoryMs,
     };
+  }
+
+  /**
+   * Step 1: every running decode goes in first (as many as the step holds). Returns the earliest
+   * TBT deadline among them (absolute ms; Infinity without one): what the iteration must meet.
+   */
+  private pickDecodes(plan: MacePlan<T>): number {
+    const bm = this.batch.options.blockManager;
+    let deadline = Infinity;
+    for (const req of this.batch.runningRequests) {
+      if (req.length - req.numScheduled !== 1 || req.samplesIssued >= req.request.maxTokens) {
+        continue;
+      }
+      if (plan.seqsLeft === 0) break;
+      plan.picks.push({ request: req, maxTokens: 1 });
+      plan.seqsLeft--;
+      plan.tokensLeft--;
+      const blocks = newBlocks(req, req.numScheduled + 1, bm.blockSize);
+      plan.memUsed += blocks * this.cost.kvBytes(1);
+      plan.kvBlocksLeft -= blocks;
+      plan.shape = addChunk(plan.shape, req.numScheduled - req.evicted, 1, true);
+      if (req.lastTokenAt >= 0) {
+        deadline = Math.min(deadline, req.lastTokenAt + this.policy.tbtSloMs);
+      }
+    }
+    return deadline;
+  }
+
+  /** Step 2 (δ_ft): fine-tuning that has waited too long goes in regardless of fit. */
+  private forceStarvedSlice(now: number, plan: MacePlan<T>): boolean {
+    const p = this.policy;
+    if (!this.finetuneRunnable(now) || now - this.finetuneClock < p.deltaFtMs) return false;
+    const slice = this.takeSlice(now, p.gamma > 0);
+    if (!slice) return false;
+    plan.finetune = slice;
+    plan.shape = { ...plan.shape, finetune: slice.shape };
+    plan.memUsed += this.cost.finetuneBytes(slice.shape);
+    return true;
+  }
+
+  /**
+   * Step 3: the time the iteration may take, ms: the slack to the decodes' TBT deadline. Without
+   * a running decode no TBT deadline binds: the budget is the TTFT slack of the most urgent
+   * prompt (at least one TBT SLO, so a late prompt still gets a full chunk). Both under the
+   * latency margin.
+   */
+  private latencyBudgetMs(now: number, deadline: number): number {
+    const p = this.policy;
+    let ttftSlack = Infinity;
+    for (const req of [...this.batch.runningRequests, ...this.batch.waitingRequests]) {
+      if (req.firstTokenAt < 0) {
+        ttftSlack = Math.min(ttftSlack, req.submittedAt + p.ttftSloMs - now);
+      }
+    }
+    return p.latencyMargin *
+      (Number.isFinite(deadline)
+        ? deadline - now
+        : Math.max(p.tbtSloMs, Number.isFinite(ttftSlack) ? ttftSlack : 0));
+  }
+
+  /**
+   * Step 4: a packing task per prompt still to prefill (running ones first, then waiting ones).
+   * Its priority grows with its wait and its TTFT urgency; it fits the largest chunk whose
+   * marginal time and KV blocks fit what is left (at least minChunkTokens unless that finishes
+   * the prompt). The tasks read the plan when asked, so they see what was placed before them.
+   */
+  private prefillTasks(now: number, plan: MacePlan<T>): PackTask<PrefillChunk>[] {
+    const p = this.policy;
+    const B = this.batch.options.blockManager.blockSize;
+    const blockBytes = this.cost.kvBytes(1);
+    const minChunk = this.minChunkTokens();
+    const prefills = [
+      ...this.batch.runningRequests.filter((r) =>
+        r.length - r.numScheduled > 1 && r.numScheduled < knownLength(r)
+      ),
+      ...this.batch.waitingRequests,
+    ];
+    return prefills.map((req) => {
+      const waited = (now - req.submittedAt) / 1000;
+      const slack = req.submittedAt + p.ttftSloMs - now;
+      const urgency = Math.min(2, Math.max(0, 1 - slack / p.ttftSloMs));
+      const admitted = req.reservedSlots > 0 || req.numScheduled > 0;
+      return {
+        priority: p.basePriority.prefill + p.agingPerS * waited + p.urgencyWeight * urgency,
+        fit: (left: Capacity) => {
+          if (plan.seqsLeft === 0 || plan.tokensLeft === 0) return null;
+          const start = req.numScheduled;
+          const remaining = knownLength(req) - start;
+          const slot = start - req.evicted;
+          // Admission reserves blocks for every known token at once.
+          const blocksFor = (n: number) =>
+            admitted ? newBlocks(req, start + n, B) : Math.ceil(knownLength(req) / B);
+          const timeFor = (n: number) =>
+            this.marginalMs(plan, addChunk(plan.shape, slot, n, false));
+          let n = largestFitting(
+            Math.min(remaining, plan.tokensLeft),
+            (k) => timeFor(k) <= left.timeMs + FIT_EPSILON,
+          );
+          const blocks = blocksFor(n);
+          if (blocks * blockBytes > left.memBytes) n = 0;
+          if (!admitted && blocks > plan.kvBlocksLeft) n = 0;
+          if (n === 0 || (n < minChunk && n < remaining)) return null;
+          return {
+            value: { request: req, tokens: n, blocks },
+            memBytes: blocks * blockBytes,
+            timeMs: timeFor(n),
+          };
+        },
+      };
+    });
+  }
+
+  /**
+   * Step 5: a packing task for the next fine-tuning slice, when one may run. Its priority grows
+   * with its wait and the pairs' mean DPO loss (γ). Fine-tuning's share of a serving iteration's
+   * slack grows with its wait (SLO urgency, as for prefills): just served, it runs only on an
+   * otherwise idle GPU and leaves the requests' latency alone; nearing δ_ft it may take all the
+   * slack; at δ_ft it is forced (step 2).
+   */
+  private sliceTask(
+    now: number,
+    plan: MacePlan<T>,
+    prefillTasks: readonly PackTask<PrefillChunk>[],
+    capacity: Capacity,
+  ): PackTask<MacePlacement<T>> | null {
+    const p = this.policy;
+    if (!this.finetuneRunnable(now)) return null;
+    const next = this.peekSlice(now, p.gamma > 0);
+    if (!next) return null;
+    const meanLoss = next.pairs.reduce((s, q) => s + q.loss, 0) / next.pairs.length;
+    const waited = now - this.finetuneClock;
+    const share = Math.min(1, waited / p.deltaFtMs) ** 2;
+    return {
+      priority: p.basePriority.finetune + p.agingPerS * waited / 1000 + p.gamma * meanLoss,
+      fit: (left) => {
+        const timeMs = this.marginalMs(plan, { ...plan.shape, finetune: next.shape });
+        const serving = plan.picks.length > 0 || prefillTasks.length > 0;
+        const reserved = serving ? (1 - share) * capacity.timeMs : 0;
+        if (timeMs > left.timeMs - reserved + FIT_EPSILON) return null;
+        return { value: { slice: next }, memBytes: this.cost.finetuneBytes(next.shape), timeMs };
+      },
+    };
+  }
+
+  /** Step 6: best-fit packing chose `value`: it joins the plan. */
+  private place(plan: MacePlan<T>, value: MacePlacement<T>): void {
+    if ("slice" in value) {
+      plan.finetune = value.slice;
+      this.dpo!.next++;
+      plan.shape = { ...plan.shape, finetune: value.slice.shape };
+    } else {
+      plan.picks.push({ request: value.request, maxTokens: value.tokens });
+      plan.shape = addChunk(
+        plan.shape,
+        value.request.numScheduled - value.request.evicted,
+        value.tokens,
+        false,
+      );
+      plan.seqsLeft--;
+      plan.tokensLeft -= value.tokens;
+      plan.kvBlocksLeft -= value.blocks;
+    }
+  }
+
+  /**
+   * Step 7, when packing placed nothing: with nothing else to run, the first prefill in priority
+   * order runs a minimal chunk even if the model predicts it over budget; without prefills an
+   * idle GPU runs the next slice even if it is longer than the budget.
+   */
+  private guaranteeProgress(
+    now: number,
+    plan: MacePlan<T>,
+    prefillTasks: readonly PackTask<PrefillChunk>[],
+  ): void {
+    if (plan.picks.length > 0 || plan.finetune) return;
+    if (prefillTasks.length === 0) {
+      plan.finetune = this.takeSlice(now, this.policy.gamma > 0);
+      return;
+    }
+    const head = [...prefillTasks].sort((a, b) => b.priority - a.priority)[0];
+    const chunk = head.fit({ memBytes: Infinity, timeMs: Infinity });
+    if (chunk) {
+      plan.picks.push({
+        request: chunk.value.request,
+        maxTokens: Math.min(chunk.value.tokens, this.minChunkTokens()),
+      });
+    }
+  }
+
+  /** The smallest prefill chunk worth a step (never more than a step holds), tokens. */
+  private minChunkTokens(): number {
+    return Math.min(this.policy.minChunkTokens, this.batch.options.maxTokensPerStep);
+  }
+
+  /** Predicted time `next` adds to the plan's current shape, ms. */
+  private marginalMs(plan: MacePlan<T>, next: StepShape): number {
+    return this.cost.predictMs(next) - this.cost.predictMs(plan.shape);
   }
 
   /** Records the tokens a request produced since last seen. */
@@ -552,6 +675,14 @@ export class CoScheduler<T> {
 /** Tokens of the request the CPU knows: prompt + generated. */
 function knownLength(req: RequestState): number {
   return req.request.prompt.length + req.output.length;
+}
+
+/** KV blocks a request needs beyond those it holds to have slots up to position `end`. */
+function newBlocks(req: RequestState, end: number, blockSize: number): number {
+  return Math.max(
+    0,
+    Math.ceil((end - req.evicted) / blockSize) - Math.ceil(req.reservedSlots / blockSize),
+  );
 }
 
 /** The shape with one more sequence computing `n` tokens whose first KV slot is `slot`. */

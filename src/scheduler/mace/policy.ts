@@ -26,17 +26,21 @@ export interface PolicyOptions {
   tbtSloMs: number;
   /** Memory threshold τ_mem: share of (KV pool + training activations) an iteration may fill. */
   tauMem: number;
-  /** λ1, λ2 of the best-fit objective f = λ1·|memory residual| + λ2·|latency residual| (normalized). */
+  /**
+   * λ1, λ2 of the best-fit objective f = λ1·|memory residual| + λ2·|latency residual| (normalized).
+   */
   lambdaMem: number;
   lambdaTime: number;
-  /** γ: weight of a fine-tuning task's latest DPO loss in its priority (0: the no-loss ablation). */
+  /**
+   * γ: weight of a fine-tuning task's latest DPO loss in its priority (0: the no-loss ablation).
+   */
   gamma: number;
   /** δ_ft: longest fine-tuning may wait for a slice while it has work, ms. */
   deltaFtMs: number;
   /** Priority gained per second waited. */
   agingPerS: number;
-  /** Base priority by kind: decode > prefill > fine-tune. */
-  basePriority: { decode: number; prefill: number; finetune: number };
+  /** Base priority by kind: prefill > fine-tune (decodes are not ranked: they always go first). */
+  basePriority: { prefill: number; finetune: number };
   /** Weight of SLO urgency (1 - slack/SLO, clamped to [0, 2]) in a prefill's priority. */
   urgencyWeight: number;
   /** Best-fit looks at this many fitting candidates, in priority order. */
@@ -49,7 +53,10 @@ export interface PolicyOptions {
   pairsPerStep: number;
   /** Backward layers per slice (finer slices fit smaller gaps). */
   layersPerSlice: number;
-  /** A pair is trained again while its loss is above this and it was trained fewer than maxTrainings times. */
+  /**
+   * A pair is trained again while its loss is above this and it was trained fewer than maxTrainings
+   * times.
+   */
   retrainAboveLoss: number;
   maxTrainings: number;
   /** Publish a new adapter version every this many optimizer steps. */
@@ -70,7 +77,7 @@ const BASE: Omit<PolicyOptions, "name"> = {
   gamma: 1,
   deltaFtMs: 500,
   agingPerS: 0.05,
-  basePriority: { decode: 3, prefill: 2, finetune: 0 },
+  basePriority: { prefill: 2, finetune: 0 },
   urgencyWeight: 1,
   window: 2,
   latencyMargin: 0.9,
@@ -85,7 +92,10 @@ const BASE: Omit<PolicyOptions, "name"> = {
   prefixSharing: true,
 };
 
-/** The defaults of a policy, with overrides. Throws InvalidRequestError on an unknown name or bad value. */
+/**
+ * The defaults of a policy, with overrides. Throws InvalidRequestError on an unknown name or bad
+ * value.
+ */
 export function policyOptions(
   name: string,
   overrides: Partial<Omit<PolicyOptions, "name">> = {},

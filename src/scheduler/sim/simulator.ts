@@ -37,7 +37,9 @@ export interface SimulationOptions {
   online?: boolean;
   /** Tokens every prompt starts with after BOS (a shared system prompt); default 32. */
   sharedPrefixTokens?: number;
-  /** Token ids of synthetic prompts lie below this (default 512, the bundled model's vocabulary). */
+  /**
+   * Token ids of synthetic prompts lie below this (default 512, the bundled model's vocabulary).
+   */
   vocabSize?: number;
   /** Engine limits; defaults are the engine's (512 tokens, 16 sequences per step). */
   maxTokensPerStep?: number;
@@ -62,7 +64,10 @@ export interface SimulatedIteration {
   decodeSeqs: number;
   finetune: string | null;
   forcedFinetune: boolean;
-  /** mace: earliest TBT deadline of the iteration's decodes (ms), and the predicted time of what had to run. */
+  /**
+   * mace: earliest TBT deadline of the iteration's decodes (ms), and the predicted time of what had
+   * to run.
+   */
   deadlineMs: number | null;
   mandatoryMs: number;
   /** KV bytes held by requests after the iteration. */

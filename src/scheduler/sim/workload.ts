@@ -173,7 +173,10 @@ export function parseAzureTrace(text: string, file = "<azure trace>"): TraceRow[
   return rows;
 }
 
-/** Parses ShareGPT length statistics (`num_prefill_tokens,num_decode_tokens,…`; extra columns ignored). */
+/**
+ * Parses ShareGPT length statistics (`num_prefill_tokens,num_decode_tokens,…`; extra columns
+ * ignored).
+ */
 export function parseShareGptLengths(text: string, file = "<sharegpt lengths>"): LengthRow[] {
   const lines = csvLines(text);
   checkHeader(file, lines, SHAREGPT_HEADER);
@@ -205,14 +208,6 @@ async function readTrace(path: string): Promise<string> {
     }
     throw new TraceFormatError(path, `cannot read: ${(e as Error).message}`);
   }
-}
-
-export async function loadAzureTrace(path: string): Promise<TraceRow[]> {
-  return parseAzureTrace(await readTrace(path), path);
-}
-
-export async function loadShareGptLengths(path: string): Promise<LengthRow[]> {
-  return parseShareGptLengths(await readTrace(path), path);
 }
 
 /**
@@ -252,7 +247,9 @@ interface CommonOptions {
 }
 
 export interface TraceWorkloadOptions extends CommonOptions {
-  /** Requests/s: time-scale the whole trace so its mean rate is this. Absent: replay as recorded. */
+  /**
+   * Requests/s: time-scale the whole trace so its mean rate is this. Absent: replay as recorded.
+   */
   rate?: number;
   /** Where the window starts in the trace, in trace seconds (before scaling). Default 0. */
   startS?: number;

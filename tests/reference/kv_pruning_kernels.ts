@@ -6,7 +6,7 @@
  *    slots, every move reading the original contents.
  * A physical slot is block * BS + offset, an index into a per-slot array [numBlocks * BS].
  */
-import { InvalidRequestError } from "../errors.ts";
+import { InvalidRequestError } from "../../src/engine/errors.ts";
 
 export interface KvPoolShape {
   numKvHeads: number;

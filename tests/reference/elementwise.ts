@@ -1,6 +1,6 @@
 /**
  * Float64 CPU references of the elementwise and gather kernels: SwiGLU,
- * residual add, embedding gather. Row-major, token-major activations.
+ * embedding gather, token feedback. Row-major, token-major activations.
  */
 
 /** gu [rows, 2I] (gate | up) -> h [rows, I], h = g / (1 + exp(-g)) * u. */
@@ -14,13 +14,6 @@ export function swiglu(gu: ArrayLike<number>, rows: number, intermediate: number
     }
   }
   return h;
-}
-
-/** y + x, elementwise. */
-export function residualAdd(y: ArrayLike<number>, x: ArrayLike<number>): Float64Array {
-  const sum = new Float64Array(y.length);
-  for (let i = 0; i < y.length; i++) sum[i] = y[i] + x[i];
-  return sum;
 }
 
 /**

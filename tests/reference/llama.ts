@@ -13,7 +13,7 @@
  *   x += a Wo^T;  x += Wdown (silu(Wgate RMSNorm(x)) * Wup RMSNorm(x))
  * then logits = RMSNorm(x) lm_head^T  [T, V]  (lm_head = embed_tokens when tied).
  */
-import { InvalidRequestError, ModelFormatError } from "../errors.ts";
+import { InvalidRequestError, ModelFormatError } from "../../src/engine/errors.ts";
 import { linear } from "./matmul.ts";
 import { rmsNorm } from "./ops.ts";
 
@@ -79,7 +79,9 @@ export class ReferenceModel {
   readonly #values: RowCache[]; // per layer [pos, Hkv*d]
   #length = 0;
 
-  /** `weights`: HF tensor names, matrices [out, in] row-major, q/k rows in HF's rotate_half layout. */
+  /**
+   * `weights`: HF tensor names, matrices [out, in] row-major, q/k rows in HF's rotate_half layout.
+   */
   constructor(readonly config: ReferenceConfig, weights: Map<string, Weight>) {
     const c = config;
     for (

@@ -3,9 +3,11 @@
  * A pool [numSlots, R, K], B pool [numSlots, N, R], scales [numSlots], slots [rows]
  * (NO_ADAPTER_SLOT: the row is on no adapter).
  */
-import { NO_ADAPTER_SLOT } from "../kernels/lora.ts";
+import { NO_ADAPTER_SLOT } from "../../src/engine/kernels/lora.ts";
 
-/** u [rows, R]: u[t, j] = sum_k x[t * xStride + xOffset + k] · A[slot_t, j, k]; 0 without adapter. */
+/**
+ * u [rows, R]: u[t, j] = sum_k x[t * xStride + xOffset + k] · A[slot_t, j, k]; 0 without adapter.
+ */
 export function loraShrink(
   x: ArrayLike<number>,
   slots: ArrayLike<number>,
@@ -30,8 +32,8 @@ export function loraShrink(
 }
 
 /**
- * A copy of y [rows, yStride] with y[t, yOffset + n] += scales[slot_t] · sum_j u[t, j] · B[slot_t, n, j]
- * for n < N; rows without adapter unchanged.
+ * A copy of y [rows, yStride] with y[t, yOffset + n] += scales[slot_t] · sum_j u[t, j] · B[slot_t,
+ * n, j] for n < N; rows without adapter unchanged.
  */
 export function loraExpand(
   y: ArrayLike<number>,

@@ -4,6 +4,7 @@
  * (src/shaders/grad_norm.wgsl) and the AdamW / SGD updates with global-norm
  * clipping (src/shaders/optimizer.wgsl).
  */
+import type { AdamWOptions, GradClipOptions } from "../../src/engine/kernels/optimizer.ts";
 
 /** log(1 + e^x) without overflow for large x or loss of precision for very negative x. */
 export function softplus(x: number): number {
@@ -82,24 +83,6 @@ export function clipFactor(
   for (let i = 0; i < partials.length; i++) sum += partials[i];
   const norm = gradScale * Math.sqrt(sum);
   return maxGradNorm > 0 && norm > maxGradNorm ? maxGradNorm / (norm + 1e-6) : 1;
-}
-
-/** Gradient scaling and clipping shared by both optimizers (see clipFactor). */
-export interface GradClipOptions {
-  /** Multiplies the accumulated gradient first (e.g. 1 / pairs in the batch). */
-  gradScale: number;
-  /** Clip threshold on the global norm of the scaled gradient; <= 0: no clipping. */
-  maxGradNorm: number;
-}
-
-export interface AdamWOptions extends GradClipOptions {
-  /** 1-based step number, for the bias corrections. */
-  step: number;
-  lr: number;
-  beta1: number;
-  beta2: number;
-  eps: number;
-  weightDecay: number;
 }
 
 export interface OptimizerState {

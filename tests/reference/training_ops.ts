@@ -77,7 +77,7 @@ export interface RopeRowsLayout {
 
 /**
  * x [rows, stride] with heads [offset, offset + heads headDim) of each row rotated (rotate_half,
- * reference/attention.ts rope) at position startPosition + t; other columns copied.
+ * attention.ts rope) at position startPosition + t; other columns copied.
  */
 export function ropeRows(
   x: ArrayLike<number>,

@@ -1,7 +1,7 @@
 /**
  * CPU reference implementations of the engine's ops, in float64 (Float64Array
  * in, Float64Array out). Kernel tests compare the WGSL kernels against these;
- * the reference forward pass (reference/llama.ts) is built from them.
+ * the reference forward pass (llama.ts) is built from them.
  * Layouts match the kernels: row-major, token-major activations.
  */
 

@@ -2,7 +2,7 @@
  * Float64 CPU reference of LoRA DPO training: the ground truth the GPU trainer's loss and
  * adapter gradients are checked against.
  *
- * Forward: the math of reference/llama.ts over a whole sequence (positions 0..T-1, no cache),
+ * Forward: the math of llama.ts over a whole sequence (positions 0..T-1, no cache),
  * with every adapted projection W [out, in] computing
  *   y = x W^T (+ bias, Qwen2 q/k/v) + scale · (x A^T) B^T,   A [rank, in], B [out, rank],
  * scale = alpha / rank. LoraConfig.dropout is not applied: this is the dropout-free math, so
@@ -14,8 +14,13 @@
  * The gradient dL/dA, dL/dB is analytic: the forward keeps a tape of the activations each
  * op's hand-written backward needs, and the backward runs the ops in reverse.
  */
-import { InvalidRequestError, ModelFormatError } from "../errors.ts";
-import { type LoraConfig, loraScale, type LoraTarget, targetModule } from "../lora/lora.ts";
+import { InvalidRequestError, ModelFormatError } from "../../src/engine/errors.ts";
+import {
+  type LoraConfig,
+  loraScale,
+  type LoraTarget,
+  targetModule,
+} from "../../src/engine/lora/lora.ts";
 import { type ReferenceConfig, ReferenceModel } from "./llama.ts";
 import { linear } from "./matmul.ts";
 import { rmsNorm } from "./ops.ts";
@@ -116,7 +121,9 @@ export class LoraDpoReference {
     this.#lmHead = c.tieWordEmbeddings ? this.#embed : get("lm_head.weight");
   }
 
-  /** Throws ModelFormatError unless `adapter` has every configured target with this model's shapes. */
+  /**
+   * Throws ModelFormatError unless `adapter` has every configured target with this model's shapes.
+   */
   checkAdapter(adapter: Adapter): void {
     const { rank, targets } = adapter.config;
     if (!Number.isInteger(rank) || rank <= 0) {
@@ -242,7 +249,9 @@ export class LoraDpoReference {
   }
 }
 
-/** Σ_{t = responseStart}^{T−1} log softmax(logits[t−1])[tokens[t]]: the response's log-probability. */
+/**
+ * Σ_{t = responseStart}^{T−1} log softmax(logits[t−1])[tokens[t]]: the response's log-probability.
+ */
 export function sequenceLogprob(
   model: LoraDpoReference,
   adapter: Adapter | null,
@@ -354,7 +363,9 @@ export function toFloat64Adapter(adapter: Adapter): AdapterOf<Float64Array> {
   };
 }
 
-/** Which adapter entry: layer, target, matrix ("a" = A [rank, in], "b" = B [out, rank]), flat index. */
+/**
+ * Which adapter entry: layer, target, matrix ("a" = A [rank, in], "b" = B [out, rank]), flat index.
+ */
 export interface AdapterEntry {
   layer: number;
   target: LoraTarget;

@@ -14,19 +14,7 @@
  *    the first kept token, in index order, whose cumulative weight exceeds
  *    u * (total kept weight).
  */
-
-export interface SamplingOptions {
-  /** <= 0: greedy. */
-  temperature: number;
-  /** Keep the topK most likely tokens; 0: no limit. */
-  topK: number;
-  /** Keep the smallest most-likely set with this share of the mass; >= 1: no limit. */
-  topP: number;
-  /** u32 seed of the request; with counter, fixes the random draw. */
-  seed: number;
-  /** u32 draw counter (e.g. the number of tokens generated so far). */
-  counter: number;
-}
+import type { SamplingRow } from "../../src/engine/kernels/sample.ts";
 
 const PRIME2 = 0x85ebca77;
 const PRIME3 = 0xc2b2ae3d;
@@ -99,7 +87,7 @@ export interface KeepSet {
 }
 
 /** The keep set after temperature, top-k and top-p (temperature > 0). */
-export function keepSet(logits: Float32Array, options: SamplingOptions): KeepSet {
+export function keepSet(logits: Float32Array, options: SamplingRow): KeepSet {
   const vocab = logits.length;
   // The kernel sees temperature and topP as float32 (packSamplingParams).
   const temperature = Math.fround(options.temperature);
@@ -141,7 +129,7 @@ export interface SampledToken {
 }
 
 /** Samples one row of logits f32 [V] with the GPU kernel's rules. */
-export function sampleToken(logits: Float32Array, options: SamplingOptions): SampledToken {
+export function sampleToken(logits: Float32Array, options: SamplingRow): SampledToken {
   if (options.temperature <= 0 || options.topK === 1) {
     return { token: greedyToken(logits), margin: Infinity };
   }
@@ -164,7 +152,7 @@ export function sampleToken(logits: Float32Array, options: SamplingOptions): Sam
 /** Samples every row of logits f32 [rows, V]. */
 export function sampleTokens(
   logits: Float32Array,
-  rows: readonly SamplingOptions[],
+  rows: readonly SamplingRow[],
 ): SampledToken[] {
   const vocab = logits.length / rows.length;
   return rows.map((options, s) =>
