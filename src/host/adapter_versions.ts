@@ -59,7 +59,10 @@ export class AdapterVersions {
     return v === undefined ? null : `${name}@${v}`;
   }
 
-  /** The versioned id `adapter` (a name or a resident versioned id) means now; UnknownAdapterError if none. */
+  /**
+   * The versioned id `adapter` (a name or a resident versioned id) means now;
+   * UnknownAdapterError if none.
+   */
   resolve(adapter: string): string {
     if (this.versions.has(adapter)) return adapter;
     const newest = this.newest(adapter);

@@ -84,6 +84,8 @@ export interface EngineMetrics {
   };
   /** Optimizer steps taken by the fine-tuner. */
   optimizerSteps: number;
+  /** DPO slices run (reference, forward, backward, optimizer), co-scheduled with serving. */
+  finetuneSlices: number;
   /** The adapter version the fine-tuner published last (null before the first). */
   publishedAdapter: string | null;
 }

@@ -286,7 +286,8 @@ export class MaceEngine implements Engine {
       maxTokens: request.maxTokens,
       sampling,
       eosIds: request.ignoreEos ? [] : this.engineInfo.eosIds,
-      // A failing callback must not stop the engine: the token still counts and the request goes on.
+      // A failing callback must not stop the engine: the token still counts and the request
+      // goes on.
       onToken: onToken && ((token) => {
         try {
           onToken(token);
@@ -333,7 +334,8 @@ export class MaceEngine implements Engine {
         const longest = pair.prompt.length + Math.max(pair.chosen.length, pair.rejected.length);
         if (longest > maxLength) {
           throw new InvalidRequestError(
-            `pair ${i}: prompt + response is ${longest} tokens, over the fine-tuner's max length ${maxLength}; ` +
+            `pair ${i}: prompt + response is ${longest} tokens, ` +
+              `over the fine-tuner's max length ${maxLength}; ` +
               `shorten the prompt or the responses`,
           );
         }
@@ -383,6 +385,7 @@ export class MaceEngine implements Engine {
       }),
       prediction: this.cost.error,
       optimizerSteps: this.scheduler.optimizerSteps,
+      finetuneSlices: this.scheduler.finetuneSlices,
       publishedAdapter: this.publishedAdapter,
     });
   }
@@ -459,7 +462,8 @@ export class MaceEngine implements Engine {
    * KV state is reset, and the DPO step in progress is abandoned (its pairs wait again).
    */
   private fail(error: unknown): void {
-    // With no request to reject, a failure would otherwise go unseen (fine-tuning alone was running).
+    // With no request to reject, a failure would otherwise go unseen (fine-tuning alone
+    // was running).
     if (this.live.size === 0) console.error("mace engine: an iteration failed:", error);
     this.batch.abortAll();
     this.scheduler.abortFinetuneStep();

@@ -48,11 +48,20 @@ export interface ProfileOptions {
   repeats?: number;
   /** Seeds token ids, pairs and the order of the design (default 0). */
   seed?: number;
-  /** Tokens per sequence (prompt + response) of the training pairs; default 16, L/4, L/2 of max length L. */
+  /**
+   * Tokens per sequence (prompt + response) of the training pairs; default 16, L/4, L/2 of max
+   * length L.
+   */
   pairLengths?: number[];
-  /** Layers per slice to measure (trainer.planStep); default 1 and all: every depth, with and without the head. */
+  /**
+   * Layers per slice to measure (trainer.planStep); default 1 and all: every depth, with and
+   * without the head.
+   */
   layersPerSlice?: number[];
-  /** Serve the steps on a LoRA adapter when the runner has an adapter pool (default true), as the live loop does. */
+  /**
+   * Serve the steps on a LoRA adapter when the runner has an adapter pool (default true), as the
+   * live loop does.
+   */
   serveAdapter?: boolean;
   /** Called after every recorded iteration, with how many of `total` are done. */
   onSample?: (sample: ProfileSample, done: number, total: number) => void;
@@ -200,7 +209,10 @@ export async function profileEngine(
   };
 }
 
-/** Mean absolute error (ms) and mean absolute relative error (a fraction) of the coefficients on samples. */
+/**
+ * Mean absolute error (ms) and mean absolute relative error (a fraction) of the
+ * coefficients on samples.
+ */
 export function fitError(
   coefficients: Record<(typeof FEATURES)[number], number>,
   samples: readonly CostSample[],
@@ -215,7 +227,10 @@ export function fitError(
   return { samples: n, meanAbsErrorMs: n ? abs / n : 0, meanAbsPercentError: n ? rel / n : 0 };
 }
 
-/** The profile's prediction for a shape: the feature vector times the coefficients (never below 0). */
+/**
+ * The profile's prediction for a shape: the feature vector times the coefficients
+ * (never below 0).
+ */
 function predictWith(
   coefficients: Record<(typeof FEATURES)[number], number>,
   shape: CostSample["shape"],
@@ -233,7 +248,8 @@ function servingDesigns(maxTokens: number, maxSeqs: number, maxContext: number):
   const chunk = (n: number) => Math.max(1, Math.min(n, maxTokens, maxContext));
   const designs: ServingDesign[] = [];
   for (const n of unique([1, 4, 16, 64, maxTokens / 4, maxTokens / 2, maxTokens].map(chunk))) {
-    // A 1-token chunk that samples would be a decode; this one is the first token of a longer prompt.
+    // A 1-token chunk that samples would be a decode; this one is the first token of a
+    // longer prompt.
     designs.push({ label: `prefill ${n}`, seqs: [{ tokens: n, context: 0, sample: n > 1 }] });
   }
   // Later chunks of a long prompt: the same tokens attend to many more keys.
@@ -308,7 +324,10 @@ function buildPlan(
   return { sequences };
 }
 
-/** A pair whose two sequences have `length` tokens each: a prompt of half, responses of the rest. */
+/**
+ * A pair whose two sequences have `length` tokens each: a prompt of half, responses of
+ * the rest.
+ */
 function randomPair(length: number, token: () => number): TrainingPair {
   const prompt = Math.max(1, Math.floor(length / 2));
   const response = Math.max(1, length - prompt);

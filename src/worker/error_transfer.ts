@@ -122,7 +122,10 @@ const NOT_FIELDS = new Set(["name", "message", "stack", "cause", "errors"]);
 /** Causes nest; a cycle (e.cause = e) or a very deep chain stops here. */
 const MAX_DEPTH = 8;
 
-/** An object with a string message that is not an Error of this realm (GPUValidationError, a foreign realm's Error). */
+/**
+ * An object with a string message that is not an Error of this realm (GPUValidationError, a
+ * foreign realm's Error).
+ */
 function isErrorLike(value: unknown): value is { message: string; name?: unknown } {
   return typeof value === "object" && value !== null &&
     typeof (value as { message?: unknown }).message === "string";

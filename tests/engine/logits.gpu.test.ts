@@ -102,7 +102,8 @@ for (const { name, spec, fileDtype, gpuWeights } of CASES) {
         const c = source.config;
         const reference = new ReferenceModel({ ...c, invFreq: ropeInvFreq(c) }, weights);
 
-        // 11 prompt tokens in chunks of 4 (prefill with earlier cached context), then 5 decode steps.
+        // 11 prompt tokens in chunks of 4 (prefill with earlier cached context), then 5 decode
+        // steps.
         const runner = await ModelRunner.create(ctx, source, {
           weightDtype: gpuWeights,
           maxSeqs: 1,

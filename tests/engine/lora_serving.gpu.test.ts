@@ -260,7 +260,10 @@ const SERVING: InferenceOptions = {
 };
 const GEN = { maxTokens: 10, sampling: GREEDY, ignoreEos: true };
 
-/** Tokens of each job run alone on an engine without prefix caching, adapters published in order. */
+/**
+ * Tokens of each job run alone on an engine without prefix caching, adapters published in
+ * order.
+ */
 async function aloneOutputs(
   jobs: { prompt: number[]; adapter?: LoraWeights }[],
 ): Promise<number[][]> {

@@ -10,8 +10,8 @@ import { gpuTest } from "../helpers/gpu.ts";
 const MODEL_DIR = new URL("../../models/stories260K/", import.meta.url).pathname;
 
 Deno.test({
-  name:
-    "serving with a KV budget prunes each request and matches the exact run until its first pruning",
+  name: "serving with a KV budget prunes each request and matches the exact run " +
+    "until its first pruning",
   ...gpuTest,
 }, async () => {
   const source = await openModel(MODEL_DIR);

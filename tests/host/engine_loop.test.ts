@@ -330,7 +330,10 @@ function checkOutputs(all: readonly Submitted[]): { checked: number; cancelled: 
 
 const POLICIES: PolicyName[] = ["mace", "inference-only", "periodic", "synchronous", "fcfs"];
 
-Deno.test("engine loop: random workloads finish exactly, blocks return to idle, depth and drains hold", async () => {
+Deno.test({
+  name:
+    "engine loop: random workloads finish exactly, blocks return to idle, depth and drains hold",
+}, async () => {
   let iterations = 0, requests = 0, slices = 0, drains = 0, prunes = 0, cancelled = 0;
   for (const policy of POLICIES) {
     for (const depth of [1, 2, 3]) {
@@ -382,7 +385,9 @@ Deno.test("engine loop: each iteration's time is its own GPU time, pipelined or 
   }
 });
 
-Deno.test("engine loop: a GPU error fails every live request; the next request starts afresh", async () => {
+Deno.test({
+  name: "engine loop: a GPU error fails every live request; the next request starts afresh",
+}, async () => {
   const h = harness(11, "mace", 3, false);
   h.gpu.failAt = 25;
   await h.run(20);

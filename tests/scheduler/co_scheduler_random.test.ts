@@ -768,11 +768,11 @@ Deno.test({
 
 Deno.test({
   name: "mace does not plan a step around a prompt the KV pool cannot admit",
-  // Was a stall: the packer's memory capacity is τ_mem · (KV pool + training activations) − blocks in
-  // use, which exceeds the KV pool's free blocks when the activations are more than a ninth of
-  // the pool. An older waiting prompt W then "fits", wins the step's token budget over the running
-  // prefill R, batch.schedule([W]) cannot admit W (the pool lacks the blocks; admission never
-  // preempts), and the iteration is empty: R never runs, W never fits. The same happens in
+  // Was a stall: the packer's memory capacity is τ_mem · (KV pool + training activations) −
+  // blocks in use, which exceeds the KV pool's free blocks when the activations are more than a
+  // ninth of the pool. An older waiting prompt W then "fits", wins the step's token budget over the
+  // running prefill R, batch.schedule([W]) cannot admit W (the pool lacks the blocks; admission
+  // never preempts), and the iteration is empty: R never runs, W never fits. The same happens in
   // guaranteeProgress when its head prompt cannot be admitted. Now a waiting prompt's fit is
   // capped at the blocks the pool can give (blockManager.numAvailableBlocks() less what the plan
   // already takes), and planMace falls back to batch.schedule() (first come first served, which

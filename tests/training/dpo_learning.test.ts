@@ -96,7 +96,8 @@ Deno.test(
       `park stories (seeds 1000..1063): base ${(100 * before).toFixed(1)}% -> DPO ${
         (100 * after).toFixed(1)
       }%; ` +
-        `${train.length} train pairs, ${steps} steps of 4; held-out (${heldOut.length} pairs) reward accuracy ` +
+        `${train.length} train pairs, ${steps} steps of 4; ` +
+        `held-out (${heldOut.length} pairs) reward accuracy ` +
         `${heldBefore.rewardAccuracy.toFixed(2)} -> ${heldAfter.rewardAccuracy.toFixed(2)}, ` +
         `loss ${heldBefore.loss.toFixed(3)} -> ${heldAfter.loss.toFixed(3)}`,
     );

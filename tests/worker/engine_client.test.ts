@@ -14,7 +14,9 @@ import { TrackedWorker } from "./tracked_worker.ts";
 const crashingWorker = () =>
   new TrackedWorker(new URL("./fixtures/crashing_worker.ts", import.meta.url), { type: "module" });
 
-Deno.test("a worker that dies while the engine is built rejects connectEngine with EngineWorkerError", async () => {
+Deno.test({
+  name: "a worker that dies while the engine is built rejects connectEngine with EngineWorkerError",
+}, async () => {
   const worker = crashingWorker();
   const error = await connectEngine(worker, { model: "crash-during-init" }).then(
     () => assert.fail("connectEngine resolved"),
@@ -26,7 +28,9 @@ Deno.test("a worker that dies while the engine is built rejects connectEngine wi
   assert.strictEqual(worker.terminated, 1);
 });
 
-Deno.test("a worker that dies during a call rejects it, and every later call, with EngineWorkerError", async () => {
+Deno.test({
+  name: "a worker that dies during a call rejects it, and every later call, with EngineWorkerError",
+}, async () => {
   const worker = crashingWorker();
   const { engine, terminate } = await connectEngine(worker, { model: "crash-on-call" });
   await assert.rejects(
@@ -38,7 +42,9 @@ Deno.test("a worker that dies during a call rejects it, and every later call, wi
   assert.strictEqual(worker.terminated, 1);
 });
 
-Deno.test("options postMessage cannot copy reject with InvalidRequestError, and the worker is ended", async () => {
+Deno.test({
+  name: "options postMessage cannot copy reject with InvalidRequestError, and the worker is ended",
+}, async () => {
   const worker = crashingWorker();
   const options = { model: "crash-on-call", onReady: () => {} } as unknown as EngineOptions;
   await assert.rejects(connectEngine(worker, options), InvalidRequestError);

@@ -161,7 +161,9 @@ Deno.test({
   );
 });
 
-Deno.test("spawning on a missing model rejects with ModelFormatError and leaves no worker running", async () => {
+Deno.test({
+  name: "spawning on a missing model rejects with ModelFormatError and leaves no worker running",
+}, async () => {
   const missing = MODEL_DIR + "no-such-model";
   const error = await spawnEngine({ ...OPTIONS, model: missing }).then(
     () => assert.fail("spawnEngine resolved"),

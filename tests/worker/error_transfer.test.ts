@@ -149,7 +149,10 @@ Deno.test("every registered class survives the serializer and a structured clone
   }
 });
 
-Deno.test("data fields keep their values: ModelFormatError's file/detail/tensor, UnknownAdapterError's list", () => {
+Deno.test({
+  name: "data fields keep their values: ModelFormatError's file/detail/tensor, " +
+    "UnknownAdapterError's list",
+}, () => {
   const model = roundTrip(sampleError("ModelFormatError")) as ModelFormatError;
   assert.ok(model instanceof ModelFormatError && model instanceof MaceError);
   assert.strictEqual(model.code, "model_format");
@@ -162,7 +165,10 @@ Deno.test("data fields keep their values: ModelFormatError's file/detail/tensor,
   assert.strictEqual(adapter.code, "unknown_adapter");
 });
 
-Deno.test("an unregistered subclass comes back as its nearest registered ancestor, with its own name and fields", () => {
+Deno.test({
+  name: "an unregistered subclass comes back as its nearest registered ancestor, " +
+    "with its own name and fields",
+}, () => {
   class PromptTooLongError extends InvalidRequestError {
     readonly limit = 256;
   }
@@ -188,7 +194,9 @@ Deno.test("thrown non-errors come back as thrown; functions and symbols as their
   assert.match(roundTrip(() => 1) as string, /=>/);
 });
 
-Deno.test("causes are rebuilt, cycles end, and fields structured cloning cannot carry are dropped", () => {
+Deno.test({
+  name: "causes are rebuilt, cycles end, and fields structured cloning cannot carry are dropped",
+}, () => {
   const cause = new ModelFormatError("config.json", "missing hidden_size");
   const outer = new MaceError("could not start the engine");
   Object.defineProperty(outer, "cause", {
@@ -227,7 +235,9 @@ Deno.test("installErrorTransfer is idempotent", () => {
   assert.strictEqual(transferHandlers.get("throw"), handler);
 });
 
-Deno.test("through comlink on a MessageChannel: thrown and rejected errors keep their class", async () => {
+Deno.test({
+  name: "through comlink on a MessageChannel: thrown and rejected errors keep their class",
+}, async () => {
   await overChannel(async (remote) => {
     for (const name of registeredErrorClasses().keys()) {
       const expected = sampleError(name);

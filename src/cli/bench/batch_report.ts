@@ -1,4 +1,7 @@
-/** `mace bench --batch` output: the printed tables, the JSON file, the ratio to a recorded baseline. */
+/**
+ * `mace bench --batch` output: the printed tables, the JSON file, the ratio to a recorded
+ * baseline.
+ */
 import type { BatchBenchResult } from "./batch_bench.ts";
 import { BASELINES_DIR, loadLine, RESULTS_DIR } from "./report.ts";
 

@@ -29,7 +29,8 @@ export interface LoopRun {
   decodeTokens: number;
   /** From the first request's first token to the last request's last token. */
   windowMs: number;
-  /** Optimizer steps and pairs trained by the end of the window. */
+  /** DPO slices run, optimizer steps and pairs trained by the end of the window. */
+  finetuneSlices: number;
   optimizerSteps: number;
   pairsTrained: number;
   /** The cost model's mean absolute error on this run's iterations (a fraction). */
@@ -73,6 +74,7 @@ export async function runLoopWorkload(
     decodeTokensPerSecond: decodeTokens / (windowMs / 1000),
     decodeTokens,
     windowMs,
+    finetuneSlices: metrics.finetuneSlices,
     optimizerSteps: metrics.optimizerSteps,
     pairsTrained: metrics.summary.finetune.pairsTrained,
     predictionError: metrics.prediction.meanAbsPercentError,

@@ -4,8 +4,8 @@
  * shared machine hits every depth alike, the fastest run per depth kept; a table with ratios
  * against depth 1, and the JSON in bench/results/.
  */
-import { numberFlag, parseFlags } from "../args.ts";
-import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
+import { backendFlag, numberFlag, parseFlags } from "../args.ts";
+import { createGpuContext } from "../../engine/gpu/context.ts";
 import { InvalidRequestError } from "../../engine/errors.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { BUNDLED_MODEL } from "../../host/defaults.ts";
@@ -17,7 +17,7 @@ export const LOOP_HELP =
   `mace bench --loop [--model DIR] [--backend auto|wgpu|dawn] [--depths 1,2,3]
     [--requests N] [--prompt-tokens N] [--gen-tokens N] [--pairs N] [--rounds N] [--json]
   The one engine loop with feedback flowing: N concurrent requests (default 16 x 8-token prompts
-  x 96 tokens) and --pairs DPO pairs (default 8) under the mace policy, at each pipeline depth;
+  x 256 tokens) and --pairs DPO pairs (default 8) under the mace policy, at each pipeline depth;
   decode tokens/s and its ratio against depth 1 (one iteration in flight).`;
 
 export async function loopBenchCommand(argv: string[]): Promise<void> {
@@ -42,13 +42,13 @@ export async function loopBenchCommand(argv: string[]): Promise<void> {
   const workload: LoopWorkload = {
     requests: numberFlag(flags.requests, "requests", 16, positive),
     promptTokens: numberFlag(flags["prompt-tokens"], "prompt-tokens", 8, positive),
-    genTokens: numberFlag(flags["gen-tokens"], "gen-tokens", 96, positive),
+    genTokens: numberFlag(flags["gen-tokens"], "gen-tokens", 256, positive),
     pairs: numberFlag(flags.pairs, "pairs", 8, (n) => Number.isInteger(n) && n >= 0),
     pairPromptTokens: 16,
     pairResponseTokens: 24,
   };
   const rounds = numberFlag(flags.rounds, "rounds", 2, positive);
-  const ctx = await createGpuContext({ backend: flags.backend as BackendName });
+  const ctx = await createGpuContext({ backend: backendFlag(flags.backend) });
   const source = await openModel(flags.model!);
   const name = flags.model!.replace(/\/+$/, "").split("/").pop()!;
   const best = new Map<number, LoopRun>();
@@ -109,18 +109,18 @@ export async function loopBenchCommand(argv: string[]): Promise<void> {
       `${workload.genTokens} tokens), ${workload.pairs} feedback pairs, policy mace; ` +
       `fastest of ${rounds} rounds`,
   );
-  console.log(
-    "  depth  decode tok/s  vs depth 1  pairs trained  optimizer steps  cost-model error",
-  );
+  console.log("  depth  decode tok/s  vs depth 1  DPO slices  pairs trained  cost-model error");
   for (const r of result.runs) {
     const error = r.predictionError === null ? "-" : `${(100 * r.predictionError).toFixed(1)}%`;
-    console.log(
-      `  ${String(r.depth).padStart(5)}  ${r.decodeTokensPerSecond.toFixed(1).padStart(12)}  ` +
-        `${("x" + r.ratioToDepth1.toFixed(2)).padStart(10)}  ${
-          String(r.pairsTrained).padStart(13)
-        }` +
-        `  ${String(r.optimizerSteps).padStart(15)}  ${error.padStart(16)}`,
-    );
+    const cells = [
+      String(r.depth).padStart(5),
+      r.decodeTokensPerSecond.toFixed(1).padStart(12),
+      `x${r.ratioToDepth1.toFixed(2)}`.padStart(10),
+      String(r.finetuneSlices).padStart(10),
+      String(r.pairsTrained).padStart(13),
+      error.padStart(16),
+    ];
+    console.log(`  ${cells.join("  ")}`);
   }
   console.log(`wrote ${file}`);
 }

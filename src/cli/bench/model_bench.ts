@@ -1,9 +1,9 @@
 /**
  * Measures one model, one sequence: prefill, decode, weight bandwidth, memory, per-kernel times.
  *
- * Runs on the MaceEngine (inference-only) so that decode is measured on the path users get (pipelined steps,
- * which hide wgpu's ~11 ms readback latency per await); prefill and the per-kernel table drive
- * the engine's ModelRunner directly while no request is live.
+ * Runs on the MaceEngine (inference-only) so that decode is measured on the path users get
+ * (pipelined steps, which hide wgpu's ~11 ms readback latency per await); prefill and the
+ * per-kernel table drive the engine's ModelRunner directly while no request is live.
  */
 import type { GpuContext } from "../../engine/gpu/context.ts";
 import type { ModelSource } from "../../engine/model/source.ts";
@@ -46,7 +46,10 @@ export interface ModelBenchResult {
    * one awaited step per token, which included the readback latency of every step.
    */
   decodeTokensPerSecond: number;
-  /** Decoded tokens behind decodeTokensPerSecond (genTokens: the request asks for genTokens + 1). */
+  /**
+   * Decoded tokens behind decodeTokensPerSecond (genTokens: the request asks for
+   * genTokens + 1).
+   */
   decodeTokens?: number;
   /** Engine steps in flight at once during the decode measurement. */
   pipelineDepth?: number;

@@ -1,6 +1,7 @@
 /**
  * The shared-system-prompt workload of `mace bench --batch`: R requests that share a P-token
- * prefix and differ in a short suffix, on a fresh MaceEngine (inference-only) with prefix sharing on or off.
+ * prefix and differ in a short suffix, on a fresh MaceEngine (inference-only) with prefix sharing
+ * on or off.
  * Reports prefill time, peak KV blocks in use and the prompt tokens actually computed.
  */
 import type { GpuContext } from "../../engine/gpu/context.ts";

@@ -44,7 +44,10 @@ export interface TrainBenchResult {
   pairsPerSecond: number;
   /** Tokens through the policy per second: both sequences of each pair. */
   tokensPerSecond: number;
-  /** Median GPU+submit time of each slice kind, ms (reference, forward, backward: one slice of layersPerSlice layers). */
+  /**
+   * Median GPU+submit time of each slice kind, ms (reference, forward, backward: one slice of
+   * layersPerSlice layers).
+   */
   sliceMs: Record<TrainingSlice["kind"], number>;
   /** Inference baseline: one prefill of the pair's two sequences, ms (median of 3). */
   prefillMs: number;
@@ -180,9 +183,8 @@ const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(1);
 export function printTrainBench(r: TrainBenchResult): void {
   const o = r.options;
   console.log([
-    `== DPO training: ${r.name} (${r.layers} layers, ${o.weightDtype}) on ${r.backend}: ${r.adapter}${
-      r.software ? " [software]" : ""
-    }`,
+    `== DPO training: ${r.name} (${r.layers} layers, ${o.weightDtype}) on ${r.backend}: ` +
+    `${r.adapter}${r.software ? " [software]" : ""}`,
     `LoRA r=${o.lora.rank} alpha=${o.lora.alpha} on ${
       o.lora.targets.join(",")
     }; pair = prompt ${o.promptTokens} + ` +

@@ -5,8 +5,8 @@
  * and reports ratios against a recorded baseline (bench/baselines/) and against
  * the device's own copy bandwidth measured in the same run.
  */
-import { numberFlag, parseFlags } from "../args.ts";
-import { type BackendName, createGpuContext, type GpuContext } from "../../engine/gpu/context.ts";
+import { backendFlag, numberFlag, parseFlags } from "../args.ts";
+import { createGpuContext, type GpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { QWEN25_05B, randomModelSource, SMOLLM2_135M } from "../../engine/model/random_model.ts";
 import type { ModelSource } from "../../engine/model/source.ts";
@@ -90,7 +90,7 @@ export async function benchCommand(argv: string[]): Promise<void> {
   if (flags.weights !== "f32" && flags.weights !== "f16") {
     throw new InvalidRequestError(`--weights ${flags.weights}: expected f32 or f16`);
   }
-  const ctx = await createGpuContext({ backend: flags.backend as BackendName });
+  const ctx = await createGpuContext({ backend: backendFlag(flags.backend) });
   if (flags.train) {
     try {
       await trainBench(ctx, flags);

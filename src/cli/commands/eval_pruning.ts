@@ -4,10 +4,11 @@
  * full KV cache, with H2O-style pruning (sinks + window + heavy hitters) and with sinks + a
  * recency window, both at the same budget. Prints a table; writes JSON to bench/results/.
  */
-import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
-import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
+import { backendFlag, DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
+import { createGpuContext } from "../../engine/gpu/context.ts";
 import { openModel } from "../../engine/model/open_model.ts";
 import { ModelRunner } from "../../engine/runner/model_runner.ts";
+import { InvalidRequestError } from "../../engine/errors.ts";
 import { MaceEngine } from "../../host/mace_engine.ts";
 import { type PruningEvalResult, scoreWithPruning } from "../../host/pruning_eval.ts";
 
@@ -37,16 +38,25 @@ export async function evalPruningCommand(argv: string[]): Promise<void> {
   );
   const sinks = numberFlag(flags.sinks, "sinks", 4, int(0));
   const seed = numberFlag(flags.seed, "seed", 7, int(0));
-  const ctx = await createGpuContext({ backend: flags.backend as BackendName });
-  const source = await openModel(flags.model!);
   const blockSize = 16;
   const budget = Math.round((length * percent) / 100 / blockSize) * blockSize;
   const window = numberFlag(
     flags.window,
     "window",
-    Math.floor((budget - blockSize - sinks) / 2),
+    Math.max(0, Math.floor((budget - blockSize - sinks) / 2)),
     int(0),
   );
+  // Pruning keeps one block under the budget: sinks and window must leave room in it.
+  if (sinks + window + blockSize > budget) {
+    throw new InvalidRequestError(
+      `a KV budget of ${budget} tokens (${percent}% of --length ${length}, in ${blockSize}-token ` +
+        `blocks) cannot hold --sinks ${sinks} + --window ${window} + one block; raise --length ` +
+        `or --budget-percent, or lower --sinks or --window`,
+    );
+  }
+  const backend = backendFlag(flags.backend);
+  const ctx = await createGpuContext({ backend });
+  const source = await openModel(flags.model!);
   const sizes = { maxSeqs: 1, maxContext: length, maxTokens: 16, blockSize };
 
   const engine = await MaceEngine.open(ctx, source, {

@@ -3,8 +3,8 @@
  * prompt (streamed to stdout) or from a JSONL file of prompts run together as one
  * continuously batched workload (one JSON line out per prompt, in file order).
  */
-import { DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
-import { type BackendName, createGpuContext } from "../../engine/gpu/context.ts";
+import { backendFlag, DEFAULT_MODEL, numberFlag, parseFlags } from "../args.ts";
+import { createGpuContext } from "../../engine/gpu/context.ts";
 import { openModelWithTokenizer } from "../../engine/load.ts";
 import { StreamDecoder } from "../../engine/tokenizer/stream_decoder.ts";
 import type { Tokenizer } from "../../engine/tokenizer/tokenizer.ts";
@@ -47,10 +47,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     "kv-budget": { type: "string" },
     adapter: { type: "string" },
   }, "generate");
-  const backend = flags.backend as BackendName;
-  if (!["auto", "wgpu", "dawn"].includes(backend)) {
-    throw new InvalidRequestError(`--backend ${backend}: expected auto, wgpu or dawn`);
-  }
+  const backend = backendFlag(flags.backend);
   if (flags.weights !== "f32" && flags.weights !== "f16") {
     throw new InvalidRequestError(`--weights ${flags.weights}: expected f32 or f16`);
   }

@@ -137,6 +137,8 @@ export class CoScheduler<T> {
   readonly policy: PolicyOptions;
   readonly queue: FinetuneQueue<T>;
   optimizerSteps = 0;
+  /** DPO slices completed (every kind). */
+  finetuneSlices = 0;
   /**
    * Longest a slice waited (from the last slice, or from fine-tuning getting work) before it ran,
    * ms.
@@ -275,6 +277,7 @@ export class CoScheduler<T> {
     const ft = it.finetune;
     if (ft) {
       this.finetuneClock = now;
+      this.finetuneSlices++;
       const dpo = this.dpo!;
       if (ft.slice.kind === "reference") this.referenceDone.add(ft.pairs[ft.slice.pair].item.id);
       if (ft.slice.kind === "optimizer") {
