@@ -58,7 +58,7 @@ export interface SequenceWork {
   adapterId?: string;
 }
 
-/** Copy every layer's K and V of KV block `src` into block `dst` (copy-on-write). */
+/** Copy every layer's K and V of KV block `src` into block `dst`. */
 export interface BlockCopy {
   src: number;
   dst: number;
@@ -75,9 +75,11 @@ export interface KvEdit {
   moves: [src: number, dst: number][];
 }
 
+/**
+ * One batched forward pass. Only full KV blocks are ever shared between sequences, so a step
+ * never needs a copy-on-write copy; block copies come only with pruning, in a KvEdit.
+ */
 export interface StepPlan {
-  /** Done first, in order, before any sequence of the step writes its K/V. */
-  copies?: BlockCopy[];
   sequences: SequenceWork[];
 }
 

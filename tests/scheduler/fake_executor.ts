@@ -273,7 +273,6 @@ export class FakeExecutor {
       }
       seqIds.add(work.seqId);
     }
-    for (const copy of plan.copies ?? []) this.copyBlock(copy.src, copy.dst);
     // Physical slot -> index of the sequence that writes it in this step: no other sequence of the
     // step may read or write it (sharing covers only blocks computed in earlier steps). Known
     // before any sequence runs, so the check does not depend on the order within the step.

@@ -4,7 +4,8 @@
  *  - "wgpu":    Deno's built-in WebGPU (navigator.gpu in Deno),
  *  - "dawn":    Dawn through the `webgpu` npm package (Node-API, loads in Deno and Node),
  *  - "browser": the page's or worker's navigator.gpu.
- * "auto" prefers a hardware adapter and falls back to a software one with a warning.
+ * "auto" prefers a hardware adapter and falls back to a software one with a one-line notice;
+ * Dawn finds a driver without help (dawn_adapter.ts). How and why: docs/backends.md.
  */
 import { GpuError, WebGPUNotAvailableError } from "../errors.ts";
 
@@ -57,27 +58,62 @@ async function wgpuAdapter(): Promise<GPUAdapter | null> {
   return await gpu.requestAdapter({ powerPreference: "high-performance" });
 }
 
-let dawnGpu: GPU | null = null;
-async function dawnAdapter(): Promise<GPUAdapter | null> {
-  if (!dawnGpu) {
-    const mod = await import("webgpu");
-    // Under Node the WebGPU constants (GPUBufferUsage, ...) are not global yet.
-    for (const [name, value] of Object.entries(mod.globals)) {
-      if (!(name in globalThis)) (globalThis as Record<string, unknown>)[name] = value;
-    }
-    dawnGpu = mod.create([]) as unknown as GPU;
-  }
-  return await dawnGpu.requestAdapter({ powerPreference: "high-performance" });
-}
-
 const INSTALL_HINT =
   "On Debian run `bash scripts/setup.sh` as root (installs mesa-vulkan-drivers " +
   "and chromium, which provide the lavapipe and SwiftShader software Vulkan drivers), " +
   "or install your GPU's Vulkan driver.";
 
-async function pickAdapter(
-  backend: BackendName,
-): Promise<{ adapter: GPUAdapter; backend: Exclude<BackendName, "auto"> }> {
+const HOST_NAMES: Record<Exclude<BackendName, "auto">, string> = {
+  wgpu: "Deno's WebGPU",
+  dawn: "Dawn",
+  browser: "the browser's WebGPU",
+};
+
+/** The one line that says which software adapter a run uses, and why. */
+export function softwareNotice(
+  description: string,
+  backend: Exclude<BackendName, "auto">,
+  swiftShaderIcd: string | null = null,
+): string {
+  const name = /llvmpipe|lavapipe/i.test(description)
+    ? "lavapipe (software Vulkan)"
+    : /swiftshader/i.test(description)
+    ? `SwiftShader (software Vulkan${swiftShaderIcd ? `, ${swiftShaderIcd}` : ""})`
+    : description;
+  return `mace: no hardware GPU found; using ${name} through ${HOST_NAMES[backend]} (slow)`;
+}
+
+interface Choice {
+  adapter: GPUAdapter;
+  backend: Exclude<BackendName, "auto">;
+  /** A line for the user when the run is on a software adapter it did not ask for by name. */
+  notice: string | null;
+}
+
+async function dawnChoice(
+  noHardware: () => Promise<boolean>,
+  quietSoftware: boolean,
+): Promise<Choice | null> {
+  let found;
+  try {
+    const { requestDawnAdapter } = await import("./dawn_adapter.ts");
+    found = await requestDawnAdapter(noHardware);
+  } catch (e) {
+    throw new WebGPUNotAvailableError(
+      `the "webgpu" package (Dawn) failed to load: ${(e as Error).message}. Run \`npm ci\`.`,
+    );
+  }
+  if (!found) return null;
+  const { adapter, swiftShaderIcd } = found;
+  const software = isSoftwareAdapter(adapter) && (!quietSoftware || swiftShaderIcd !== null);
+  const notice = software ? softwareNotice(describe(adapter), "dawn", swiftShaderIcd) : null;
+  return { adapter, backend: "dawn", notice };
+}
+
+async function pickAdapter(backend: BackendName): Promise<Choice> {
+  // Before any Vulkan driver loads: Mesa's warnings about it are noise.
+  if (isDeno) (await import("./driver_env.ts")).ensureRuntimeDir();
+  const host = isDeno ? "wgpu" : "browser";
   if (backend === "wgpu" || backend === "browser") {
     const adapter = await wgpuAdapter();
     if (!adapter) {
@@ -85,48 +121,43 @@ async function pickAdapter(
         `navigator.gpu gave no adapter for backend "${backend}". ${INSTALL_HINT}`,
       );
     }
-    return { adapter, backend: isDeno ? "wgpu" : "browser" };
+    return { adapter, backend: host, notice: null };
   }
   if (backend === "dawn") {
-    let adapter: GPUAdapter | null;
-    try {
-      adapter = await dawnAdapter();
-    } catch (e) {
+    // Deno's WebGPU sees the same Vulkan drivers, quietly: if all it has is a software adapter,
+    // there is no hardware GPU, and asking Dawn for one would only print the loader's complaints.
+    const noHardware = async () => {
+      const probe = isDeno ? await wgpuAdapter().catch(() => null) : null;
+      return probe !== null && isSoftwareAdapter(probe);
+    };
+    const choice = await dawnChoice(noHardware, true);
+    if (!choice) {
       throw new WebGPUNotAvailableError(
-        `the "webgpu" package (Dawn) failed to load: ${(e as Error).message}. Run \`npm ci\`.`,
+        `Dawn found no Vulkan adapter. ${INSTALL_HINT} To pick a driver yourself set ` +
+          "VK_ICD_FILENAMES to its manifest.",
       );
     }
-    if (!adapter) {
-      throw new WebGPUNotAvailableError(
-        `Dawn found no Vulkan adapter. ${INSTALL_HINT} For SwiftShader set ` +
-          "VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json.",
-      );
-    }
-    return { adapter, backend: "dawn" };
+    return choice;
   }
-  // auto: hardware first (wgpu, then Dawn), else the first software adapter.
-  const candidates: { adapter: GPUAdapter; backend: Exclude<BackendName, "auto"> }[] = [];
+  // auto: a hardware adapter (Deno's WebGPU, else Dawn), else a software one, with one line.
   const fromWgpu = await wgpuAdapter().catch(() => null);
-  if (fromWgpu) candidates.push({ adapter: fromWgpu, backend: isDeno ? "wgpu" : "browser" });
-  if (isDeno && (!fromWgpu || isSoftwareAdapter(fromWgpu))) {
-    const fromDawn = await dawnAdapter().catch(() => null);
-    if (fromDawn) candidates.push({ adapter: fromDawn, backend: "dawn" });
+  if (fromWgpu && !isSoftwareAdapter(fromWgpu)) {
+    return { adapter: fromWgpu, backend: host, notice: null };
   }
-  const hardware = candidates.find((c) => !isSoftwareAdapter(c.adapter));
-  if (hardware) return hardware;
-  if (candidates.length === 0) {
-    throw new WebGPUNotAvailableError(`no WebGPU adapter found. ${INSTALL_HINT}`);
-  }
-  console.warn(
-    `mace: no hardware GPU found; using software adapter ${describe(candidates[0].adapter)} (slow)`,
-  );
-  return candidates[0];
+  // Deno's WebGPU found only a software adapter: there is no hardware GPU for Dawn either.
+  const fromDawn = isDeno && !fromWgpu
+    ? await dawnChoice(() => Promise.resolve(false), false).catch(() => null)
+    : null;
+  if (fromDawn) return fromDawn;
+  if (!fromWgpu) throw new WebGPUNotAvailableError(`no WebGPU adapter found. ${INSTALL_HINT}`);
+  return { adapter: fromWgpu, backend: host, notice: softwareNotice(describe(fromWgpu), host) };
 }
 
 export async function createGpuContext(
   options: { backend?: BackendName } = {},
 ): Promise<GpuContext> {
-  const { adapter, backend } = await pickAdapter(options.backend ?? "auto");
+  const { adapter, backend, notice } = await pickAdapter(options.backend ?? "auto");
+  if (notice) console.warn(notice);
   const wanted: GPUFeatureName[] = ["shader-f16", "timestamp-query", "subgroups" as GPUFeatureName];
   const requiredFeatures = wanted.filter((f) => adapter.features.has(f));
   const a = adapter.limits;

@@ -66,7 +66,8 @@ export class Kernel {
   bind(resources: readonly BindingResource[]): GPUBindGroup {
     if (resources.length !== this.spec.bindings.length) {
       throw new Error(
-        `${this.spec.name}: expected ${this.spec.bindings.length} bindings, got ${resources.length}`,
+        `${this.spec.name}: expected ${this.spec.bindings.length} bindings, ` +
+          `got ${resources.length}`,
       );
     }
     return this.ctx.device.createBindGroup({

@@ -1,9 +1,9 @@
 /**
- * Dawn's Node bindings (the `webgpu` package) resolve GPU promises by spinning the JS thread on
- * setImmediate while any is pending. On a CPU-emulated adapter (SwiftShader) that spin takes a
- * core from the emulated GPU: on 2 cores a 16-sequence batching workload ran 6x slower than
- * when the wait was a timer. So on such adapters the runner first sleeps for most of the step's
- * expected time, then awaits (spinning only for the rest).
+ * Dawn's Node bindings (the `webgpu` package) resolve GPU promises only while they poll, and
+ * each poll takes the JS thread (dawn_event_pump.ts keeps the polls few and on timers). On a
+ * CPU-emulated adapter (SwiftShader) the JS thread competes with the emulated GPU for the cores,
+ * so on such adapters the runner first sleeps for most of the step's expected time, with no
+ * Dawn promise pending, then awaits.
  *
  * The expectation is learned per step size (a power-of-two bucket of the step's token count):
  * the fastest of the last WINDOW measured step times, slept at SLEEP_FRACTION of it. The minimum
@@ -19,7 +19,7 @@ export class ReadbackPacer {
 
   constructor(readonly enabled: boolean) {}
 
-  /** Sleeps for most of the expected time of a step of `tokens` tokens submitted at `submittedAt`. */
+  /** Sleeps for most of the expected time of a `tokens`-token step submitted at `submittedAt`. */
   async beforeWait(tokens: number, submittedAt: number): Promise<void> {
     if (!this.enabled) return;
     const times = this.recent.get(bucket(tokens));

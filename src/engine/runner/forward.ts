@@ -81,7 +81,7 @@ export interface Forward {
   destroy(): void;
 }
 
-/** One labelled group of dispatches, with its analytic cost for the benchmark's per-kernel table. */
+/** One labelled group of dispatches, with its analytic cost (the benchmark's per-kernel table). */
 export interface ForwardDispatch {
   kind: string;
   run: (pass: GPUComputePassEncoder, counts: StepCounts) => void;

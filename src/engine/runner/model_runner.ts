@@ -48,7 +48,10 @@ export interface RunnerOptions {
   /** Longest sequence (prompt + generation) in tokens. */
   maxContext?: number;
   blockSize?: number;
-  /** KV pool size in blocks; default: from kvMemoryBytes, else maxSeqs sequences of maxContext tokens. */
+  /**
+   * KV pool size in blocks; default: from kvMemoryBytes, else maxSeqs sequences of maxContext
+   * tokens.
+   */
   kvBlocks?: number;
   /** Memory budget of the KV pool (all layers, K and V), in bytes. */
   kvMemoryBytes?: number;
@@ -85,7 +88,7 @@ export class ModelRunner {
   private readonly pacer: ReadbackPacer;
   /** KV slot moves for pruning; made on first use. */
   private compactor: ReturnType<ModelRunner["createCompactor"]> | null = null;
-  /** One block of every KV pool, for copy-on-write block copies; made on first use. */
+  /** One block of every KV pool, for the block copies of KV edits (pruning); made on first use. */
   private blockStaging: GPUBuffer | null = null;
   /** Loaded adapter id -> its slot in the adapter pool. */
   private readonly adapterSlots = new Map<string, number>();
@@ -252,7 +255,6 @@ export class ModelRunner {
     this.uniforms.write(counts);
     this.lastCounts = counts;
     const encoder = device.createCommandEncoder();
-    for (const copy of plan.copies ?? []) this.encodeBlockCopy(encoder, copy);
     // A slot's mass starts from zero when its token is written (blocks are reused).
     for (const [first, count] of contiguousRuns(newMassSlots)) {
       encoder.clearBuffer(this.forward.mass, first * 4, count * 4);
@@ -296,7 +298,10 @@ export class ModelRunner {
     return { sampled, gpuMs };
   }
 
-  /** The attention mass of every physical KV slot (f32 [kvBlocks * blockSize]), after all submitted steps. */
+  /**
+   * The attention mass of every physical KV slot (f32 [kvBlocks * blockSize]), after all
+   * submitted steps.
+   */
   readMass(): Promise<Float32Array> {
     return readF32(this.ctx, this.forward.mass, this.kvBlocks * this.capacity.blockSize);
   }

@@ -28,15 +28,19 @@ export interface StepLayout {
   positions: Region; // u32 [T]: rotary position of each token
   slots: Region; // u32 [T]: index of each token in its sequence's KV (its position unless pruned)
   tokenSeq: Region; // u32 [T]
-  seqs: Region; // SeqInfo [S] = u32 x4 {blockTableOffset, contextLen (KV entries after the step), firstToken, numTokens}
+  // SeqInfo [S] = u32 x4 {blockTableOffset, contextLen (KV entries after the step), firstToken,
+  // numTokens}
+  seqs: Region;
   blockTables: Region; // u32 [S * maxBlocksPerSeq]
   logitRows: Region; // u32 [S]: batch row of the token each sequence samples from
   decodeTokens: Region; // u32x2 [T]: (token, seq) pairs whose attention runs in the decode kernel
   tiles: Region; // u32x4 [maxTiles]: prefill attention tiles (seq, firstToken, count, 0)
   sampling: Region; // SamplingParams [S], 32 bytes each
-  massChunks: Region; // u32x4 [S]: (firstToken, numTokens, blockTableOffset, numKeys0) of trackMass sequences
+  // u32x4 [S]: (firstToken, numTokens, blockTableOffset, numKeys0) of trackMass sequences
+  massChunks: Region;
   feedback: Region; // u32x2 [S]: (previous step's sample row, token index) of FEEDBACK_TOKEN inputs
-  loraSlots: Region; // u32 [T]: adapter pool slot of each token's sequence, NO_ADAPTER_SLOT for the base model
+  // u32 [T]: adapter pool slot of each token's sequence, NO_ADAPTER_SLOT for the base model
+  loraSlots: Region;
   totalBytes: number;
 }
 
@@ -169,7 +173,8 @@ export function packStep(
         const row = previousSampleRows.get(seq.seqId);
         if (row === undefined) {
           throw new InvalidRequestError(
-            `sequence ${seq.seqId}: FEEDBACK_TOKEN input, but it did not sample in the previous step`,
+            `sequence ${seq.seqId}: FEEDBACK_TOKEN input, but it did not sample in the ` +
+              `previous step`,
           );
         }
         feedback.set([row, t + i], 2 * feedbackTokens++);
